@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from csl_ray.augment import normalize
+from csl_ray.config import DataConfig
 from csl_ray.metrics import ConfusionMatrix
 
 MODES = ("full", "center_crop", "sliding_window")
@@ -92,6 +94,16 @@ def predict(model: nn.Module, image: torch.Tensor, *, mode: str, crop_size: int)
                 probs[:, :, rows, cols] += window
                 count[:, :, rows, cols] += 1
         return probs / count
+
+
+def eval_options(data: DataConfig, mode: str | None = None) -> dict[str, Any]:
+    """`evaluate`'s (and `val_panels`') dataset keywords from the data config; `mode` defaults to data.eval_mode."""
+    return {
+        "num_classes": data.num_classes,
+        "mode": mode or data.eval_mode,
+        "crop_size": data.crop_size,
+        "ignore_index": data.ignore_index,
+    }
 
 
 def evaluate(

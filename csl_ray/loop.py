@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from csl_ray.config import Config
-from csl_ray.evaluate import evaluate
+from csl_ray.evaluate import eval_options, evaluate
 from csl_ray.losses import build_labeled_loss
 from csl_ray.model import build_model
 from csl_ray.optim import build_optimizer, set_lr
@@ -212,18 +212,10 @@ class TrainLoop:
         Returns:
             evaluate()'s dict plus `best_miou`, which is updated here.
         """
-        data = self.cfg.data
         if self._broadcast_buffers_for_eval:
             for buffer in self.student.buffers():
                 dist.broadcast(buffer, src=0)
-        result = evaluate(
-            self.student,
-            val_batches,
-            num_classes=data.num_classes,
-            mode=data.eval_mode,
-            crop_size=data.crop_size,
-            ignore_index=data.ignore_index,
-        )
+        result = evaluate(self.student, val_batches, **eval_options(self.cfg.data))
         if result["miou"] > self.best_miou:
             self.best_miou = result["miou"]
         result["best_miou"] = self.best_miou

@@ -247,6 +247,96 @@ def val_panels(
     }
 
 
+PSEUDO_LABEL_COLUMNS = ("weak view", "ground truth", "teacher prediction", "CSL weight", "reliable", "TMP view")
+
+
+def pseudo_label_panels(
+    model: Any,
+    batch: Mapping[str, Any],
+    *,
+    selector: Any,
+    num_classes: int,
+    ignore_index: int = 255,
+) -> list[dict[str, np.ndarray]]:
+    """What the selector and TMP make of a batch of unlabelled training rows, one dict of images per row.
+
+    The teacher is `model` in eval mode on the weak view (what a trained checkpoint predicts); the selector sees
+    the same probabilities and valid mask as in a training step, and the TMP view blanks the on-cells of
+    `tmp_cells` that the selector marks reliable, exactly as the step does (shown in the dataset-mean colour that
+    a normalised 0 stands for).
+
+    Args:
+        model: segmentation model (any device).
+        batch: unlabelled rows (TORCH_DTYPES["unlabeled"]): `image_weak`, `image_masked` uint8 [N, 3, S, S],
+            `tmp_cells`, `valid` bool [N, S, S], optional `mask` [N, S, S] (ground truth, diagnostics only).
+        selector: `selector(probs, valid) -> Selection`.
+
+    Returns:
+        N dicts keyed by PSEUDO_LABEL_COLUMNS, uint8 [S, S, 3] each ("ground truth" is white without `mask`);
+        "reliable" is green where the reliable pseudo-label is right, red where it is wrong (grey: unknown), black
+        where rejected.
+    """
+    import torch
+
+    from csl_ray.augment import IMAGENET_MEAN
+    from csl_ray.evaluate import predict
+
+    probs = predict(model, batch["image_weak"], mode="full", crop_size=batch["image_weak"].shape[-1])
+    valid = batch["valid"].to(probs.device)
+    selection = selector(probs, valid)
+    labels, weights = selection.labels.cpu(), selection.weights.float().cpu()
+    reliable = (selection.reliable & valid).cpu()
+    blanked = batch["tmp_cells"].cpu() & reliable
+    mean_rgb = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1)
+    masked = torch.where(blanked.unsqueeze(1), mean_rgb, batch["image_masked"].cpu())
+    truth = batch["mask"].cpu() if "mask" in batch else torch.full_like(labels, ignore_index)
+    rows = []
+    for i in range(labels.shape[0]):
+        rgb = chw_to_hwc(batch["image_weak"][i])
+        known = (truth[i] != ignore_index).numpy()
+        right = (labels[i] == truth[i]).numpy()
+        status = np.zeros((*labels.shape[1:], 3), dtype=np.uint8)
+        on = reliable[i].numpy()
+        status[on & known & right] = (60, 200, 80)
+        status[on & known & ~right] = (230, 50, 50)
+        status[on & ~known] = (150, 150, 150)
+        rows.append(
+            {
+                "weak view": rgb,
+                "ground truth": overlay(rgb, label_rgb(truth[i].numpy(), num_classes, ignore_index)),
+                "teacher prediction": overlay(rgb, label_rgb(labels[i].numpy(), num_classes, ignore_index)),
+                "CSL weight": weight_rgb(weights[i].numpy()),
+                "reliable": status,
+                "TMP view": chw_to_hwc(masked[i]),
+            }
+        )
+    return rows
+
+
+def write_pseudo_label_figure(rows: list[dict[str, np.ndarray]], path: str | os.PathLike, title: str = "") -> Path:
+    """A grid PNG of `pseudo_label_panels` rows (one image per row, PSEUDO_LABEL_COLUMNS as column titles)."""
+    from matplotlib.figure import Figure
+
+    cols = len(PSEUDO_LABEL_COLUMNS)
+    fig = Figure(figsize=(1.9 * cols, 1.9 * len(rows) + 0.4), dpi=110)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for r, panels in enumerate(rows):
+        for c, name in enumerate(PSEUDO_LABEL_COLUMNS):
+            ax = axes[r][c]
+            ax.imshow(panels[name], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def write_overlays(
     model: Any, batches: Any, out_dir: str | os.PathLike, *, limit: int = 8, **kwargs: Any
 ) -> list[Path]:

@@ -48,6 +48,7 @@ iteration N; a marker file in the run's storage makes the restarted group pass N
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
@@ -86,7 +87,7 @@ from csl_ray.data.pipeline import (
     val_batches,
 )
 from csl_ray.data.shards import read_manifest
-from csl_ray.evaluate import evaluate
+from csl_ray.evaluate import eval_options, evaluate
 from csl_ray.loop import TrainLoop
 from csl_ray.model import build_model
 from csl_ray.selection import build_selector
@@ -96,10 +97,12 @@ from csl_ray.tracking import (
     chw_to_hwc,
     label_rgb,
     overlay,
+    pseudo_label_panels,
     val_panels,
     wandb_mode,
     weight_rgb,
     write_overlays,
+    write_pseudo_label_figure,
 )
 
 FAIL_AT_STEP_ENV = "CSL_RAY_FAIL_AT_STEP"
@@ -230,6 +233,21 @@ def restore(loop: TrainLoop, checkpoint: ray.train.Checkpoint | None) -> int:
     return loop.step
 
 
+def load_student(
+    checkpoint: str | os.PathLike, root: str | None = None, device: str | None = None
+) -> tuple[Config, torch.nn.Module, int]:
+    """A checkpoint's config (with `data.root` replaced by `root` when given), its student on `device` (default
+    CUDA when available, else CPU) and the iteration it was saved at."""
+    path = Path(checkpoint)
+    cfg = load_config(path=path / "config.yaml")
+    cfg.data.root = root or cfg.data.root
+    state = load_checkpoint_state(path)
+    model = build_model(cfg)
+    model.load_state_dict(state["student"])
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return cfg, model, int(state["step"])
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     *,
@@ -252,40 +270,42 @@ def evaluate_checkpoint(
     Returns:
         evaluate()'s `miou`, `iou_per_class`, `pixel_acc`, plus `class_names`, `mode`, `step`, `checkpoint`.
     """
-    path = Path(checkpoint)
-    cfg = load_config(path=path / "config.yaml")
-    cfg.data.root = root or cfg.data.root
-    mode = mode or cfg.data.eval_mode
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    state = load_checkpoint_state(path)
-    model = build_model(cfg)
-    model.load_state_dict(state["student"])
-    model.to(device)
-    data = cfg.data
+    cfg, model, step = load_student(checkpoint, root, device)
     root = dataset_root(cfg)
     batches = iter_local(cfg, "val", root)
-    result = evaluate(
-        model,
-        batches,
-        num_classes=data.num_classes,
-        mode=mode,
-        crop_size=data.crop_size,
-        ignore_index=data.ignore_index,
-    )
+    options = eval_options(cfg.data, mode)
+    result = evaluate(model, batches, **options)
     if overlays is not None:
-        write_overlays(
-            model,
-            batches,
-            overlays,
-            selector=build_selector(cfg.ssl.selector),
-            num_classes=data.num_classes,
-            mode=mode,
-            crop_size=data.crop_size,
-            ignore_index=data.ignore_index,
-            limit=num_overlays,
-        )
+        selector = build_selector(cfg.ssl.selector)
+        write_overlays(model, batches, overlays, selector=selector, limit=num_overlays, **options)
     names = list(read_manifest(root)["class_names"])
-    return {**result, "class_names": names, "mode": mode, "step": int(state["step"]), "checkpoint": str(path)}
+    return {**result, "class_names": names, "mode": options["mode"], "step": step, "checkpoint": str(checkpoint)}
+
+
+def draw_pseudo_labels(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    root: str | None = None,
+    device: str | None = None,
+    num_images: int = 4,
+) -> Path:
+    """The pseudo-label diagnostics figure of a checkpoint: for the first unlabelled training rows of the run's
+    stream (training augmentation, TMP cells and all), the weak view, its ground truth, the checkpoint's prediction
+    as teacher, the selector's weight map, the reliable pixels and the TMP view, as one PNG (see
+    tracking.pseudo_label_panels). Same arguments as `evaluate_checkpoint`; returns the PNG's path."""
+    cfg, model, step = load_student(checkpoint, root, device)
+    batch = next(iter(iter_local(cfg, "unlabeled", dataset_root(cfg), batch_size=num_images)))
+    rows = pseudo_label_panels(
+        model,
+        batch,
+        selector=build_selector(cfg.ssl.selector),
+        num_classes=cfg.data.num_classes,
+        ignore_index=cfg.data.ignore_index,
+    )
+    tmp = cfg.ssl.tmp
+    title = f"iteration {step}; selector {cfg.ssl.selector.kind}; TMP mask ratio {tmp.mask_ratio}, block {tmp.block}"
+    return write_pseudo_label_figure(rows, out, title=title)
 
 
 def _images(loop: TrainLoop, val_batch: dict[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -298,15 +318,7 @@ def _images(loop: TrainLoop, val_batch: dict[str, torch.Tensor] | None) -> dict[
         images["pseudo_label"] = overlay(chw_to_hwc(visuals["image_weak"]), pseudo)
         images["weight"] = weight_rgb(visuals["weight"].float().cpu().numpy())
     if val_batch is not None:
-        panels = val_panels(
-            loop.student,
-            val_batch,
-            selector=loop.selector,
-            num_classes=data.num_classes,
-            mode=data.eval_mode,
-            crop_size=data.crop_size,
-            ignore_index=data.ignore_index,
-        )
+        panels = val_panels(loop.student, val_batch, selector=loop.selector, **eval_options(data))
         images["prediction"] = panels["prediction"]
     return images
 
@@ -381,8 +393,22 @@ class _Reporter:
         }
 
 
+def _quiet_worker_logs() -> None:
+    """Drops Ray's per-report and per-dataset INFO lines in this worker, keeping warnings and errors.
+
+    Ray 2.60 logs every `ray.train.report` call, metrics dict included, at INFO from a logger named by its source
+    file's path, so `LoggingConfig(log_level=...)`, which filters loggers named `ray.train.*`, misses it; with a
+    report every `logging.log_every` iterations on every rank those lines bury the driver's status line.
+    """
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The per-worker function of the TorchTrainer; returns (on rank 0) the run's final summary."""
+    _quiet_worker_logs()
     cfg = config_from_dict(config["cfg"], source="train_loop_config")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()

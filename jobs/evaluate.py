@@ -2,6 +2,7 @@
 
     python jobs/evaluate.py runs/ray/csl-resnet18-20250101-120000/checkpoint_2025-01-01_12-04-00.000000
     python jobs/evaluate.py runs/my-run --mode sliding_window --overlays overlays/ --num-overlays 16
+    python jobs/evaluate.py runs/my-run --pseudo-labels pseudo_labels.png    # what the selector and TMP do
 
 CHECKPOINT is a checkpoint directory (state.pt + config.yaml, as Ray Train stored it) or a run directory, whose
 results.json names the best checkpoint. Runs in this process, without Ray.
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 
 from csl_ray.evaluate import MODES
-from csl_ray.train import evaluate_checkpoint, format_iou_table
+from csl_ray.train import draw_pseudo_labels, evaluate_checkpoint, format_iou_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="torch device; default cuda when available, else cpu")
     parser.add_argument("--overlays", metavar="DIR", help="write PNG panels (image | truth | prediction | weights)")
     parser.add_argument("--num-overlays", type=int, default=8, help="images to draw with --overlays (default 8)")
+    parser.add_argument(
+        "--pseudo-labels",
+        metavar="FILE",
+        help="also write a PNG of unlabelled training rows: weak view | ground truth | the checkpoint's prediction "
+        "as teacher | CSL weight map | reliable pixels (green right, red wrong) | TMP-masked view",
+    )
+    parser.add_argument(
+        "--num-pseudo-labels", type=int, default=4, help="unlabelled rows in the --pseudo-labels figure (default 4)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     return parser
 
@@ -51,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(format_iou_table(result["class_names"], result["iou_per_class"])))
     if args.overlays:
         print(f"\noverlays in {args.overlays}")
+    if args.pseudo_labels:
+        path = draw_pseudo_labels(
+            checkpoint, args.pseudo_labels, root=args.root, device=args.device, num_images=args.num_pseudo_labels
+        )
+        print(f"pseudo-label figure {path}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -112,3 +112,32 @@ def test_model_mode_is_restored_and_bad_mode_rejected():
     assert model.training
     with pytest.raises(ValueError, match="eval mode"):
         evaluate(model, [], num_classes=C, mode="whole", crop_size=8)
+
+
+def test_pseudo_label_panels_show_selection_correctness_and_the_tmp_view():
+    from csl_ray.selection import threshold_select
+    from csl_ray.tracking import PSEUDO_LABEL_COLUMNS, pseudo_label_panels
+
+    g = torch.Generator().manual_seed(1)
+    predicted = torch.randint(0, C, (2, 12, 12), generator=g)
+    truth = predicted.clone()
+    truth[:, :3] = (predicted[:, :3] + 1) % C  # the teacher is wrong on the top rows
+    valid = torch.ones(2, 12, 12, dtype=torch.bool)
+    valid[:, -2:] = False  # padding: never reliable
+    cells = torch.zeros(2, 12, 12, dtype=torch.bool)
+    cells[:, :, :6] = True
+    image = painted(predicted)
+    batch = {"image_weak": image, "image_masked": image.flip(-1), "tmp_cells": cells, "valid": valid, "mask": truth}
+    rows = pseudo_label_panels(
+        Oracle(), batch, selector=lambda p, v: threshold_select(p, v, threshold=0.5), num_classes=C
+    )
+    assert len(rows) == 2 and all(list(r) == list(PSEUDO_LABEL_COLUMNS) for r in rows)
+    mean_rgb = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
+    for i, row in enumerate(rows):
+        status, view = torch.from_numpy(row["reliable"]), torch.from_numpy(row["TMP view"])
+        assert (status[:3, :][valid[i, :3]] == torch.tensor([230, 50, 50], dtype=torch.uint8)).all()  # wrong
+        assert (status[3:-2] == torch.tensor([60, 200, 80], dtype=torch.uint8)).all()  # right
+        assert (status[-2:] == 0).all()  # rejected (invalid)
+        blanked = cells[i] & valid[i]
+        assert (view[blanked] == mean_rgb).all()
+        assert torch.equal(view[~blanked], batch["image_masked"][i].permute(1, 2, 0)[~blanked])

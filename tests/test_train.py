@@ -19,6 +19,7 @@ from csl_ray.train import (
     RunMonitor,
     RunningMeans,
     _save_checkpoint,
+    draw_pseudo_labels,
     evaluate_checkpoint,
     fit,
     format_summary,
@@ -105,12 +106,14 @@ def test_rerun_with_the_same_name_resumes_at_the_saved_iteration(recovered_run, 
     assert [r["step"] for r in rows][-2:] == [5, 6]
 
 
-def test_evaluate_checkpoint_scores_and_draws_overlays(recovered_run, tmp_path):
+def test_evaluate_checkpoint_scores_and_draws_overlays_and_pseudo_labels(recovered_run, tmp_path):
     _, summary = recovered_run
     result = evaluate_checkpoint(summary["checkpoint"], mode="center_crop", overlays=tmp_path, num_overlays=2)
     assert result["step"] == 4 and result["mode"] == "center_crop"
     assert math.isfinite(result["miou"])
     assert len(list(tmp_path.glob("*.png"))) == 2
+    figure = draw_pseudo_labels(summary["checkpoint"], tmp_path / "figure" / "pseudo.png", num_images=3)
+    assert figure.is_file() and figure.stat().st_size > 0
 
 
 def test_checkpoint_restores_step_and_optimizer_state(tmp_path):
