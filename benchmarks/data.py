@@ -100,15 +100,14 @@ def run(name: str, root: str, crop: int, epochs: int, cpus: int, repeats: int) -
     stream = Stream(root, "unlabeled", row_groups(root, "unlabeled"), seed=0, num_epochs=epochs)
     runs: dict[str, list[tuple]] = {}
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    # A short warm-up starts Ray's worker processes (they import torch), which a training run pays once.
-    warm = Stream(root, "unlabeled", stream.groups[:cpus], seed=0)
-    for _ in ray_dataset(warm, params, strict=False, decode_workers=0).iter_batches(batch_size=BATCH):
-        pass
-    for _ in range(repeats):
-        for label, workers in (("Ray Data, tasks", 0), (f"Ray Data, {cpus} actors", cpus)):
+    for label, workers in (("Ray Data, tasks", 0), (f"Ray Data, {cpus} actors", cpus)):
+        # One untimed pass first: it starts Ray's worker processes (each imports torch, seconds here), which a
+        # training run pays once; the timed passes follow back to back so they find those processes warm.
+        for repeat in range(repeats + 1):
             dataset = ray_dataset(stream, params, strict=False, decode_workers=workers)
-            batches = dataset.iter_torch_batches(batch_size=BATCH, dtypes=TORCH_DTYPES["unlabeled"])
-            runs.setdefault(label, []).append(timed(batches))
+            result = timed(dataset.iter_torch_batches(batch_size=BATCH, dtypes=TORCH_DTYPES["unlabeled"]))
+            if repeat:
+                runs.setdefault(label, []).append(result)
     ray.shutdown()
     label = f"DataLoader, {cpus} workers"
     for _ in range(repeats):

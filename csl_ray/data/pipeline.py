@@ -519,6 +519,8 @@ first batch here, ~1k take a second or two; a long run's items are grouped into 
 MIN_BLOCK_ROWS = 256
 """Rows per block (task) at least: tasks over a few small crops spend much of their time on Ray's per-task cost
 (with one 32-row group per task the built-in dataset ran at 0.65x a DataLoader, an actor pool at 1.0x)."""
+MIN_BLOCKS_PER_CPU = 2
+"""...unless that leaves fewer than this many blocks per cluster CPU (short streams: tests, benchmarks, evaluation)."""
 DECODE_CPUS = 1.0
 """Logical CPUs each decode task or actor reserves. Tasks must match the range read's default of 1 to be fused
 with it; on a small machine give Ray more logical CPUs than cores rather than less per task."""
@@ -540,7 +542,10 @@ def ray_dataset(stream: Stream, params: ViewParams, *, strict: bool, decode_work
     # tasks in flight work on neighbouring items (the stream stays close to epoch order). batch_size=None hands the
     # whole block to the map, which keeps the range read fused into it.
     rows_per_item = max(1, stream.rows_per_epoch // len(stream.groups))
-    per_block = max(math.ceil(stream.num_items / MAX_BLOCKS), math.ceil(MIN_BLOCK_ROWS / rows_per_item))
+    # A short stream still gets a few blocks per CPU, or its few large blocks would leave CPUs idle.
+    cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1) if ray.is_initialized() else 1
+    min_rows = min(math.ceil(MIN_BLOCK_ROWS / rows_per_item), math.ceil(stream.num_items / (MIN_BLOCKS_PER_CPU * cpus)))
+    per_block = max(math.ceil(stream.num_items / MAX_BLOCKS), min_rows)
     items = ray.data.range(stream.num_items, override_num_blocks=math.ceil(stream.num_items / per_block))
     if decode_workers > 0:
         dataset = items.map_batches(
@@ -555,6 +560,10 @@ def ray_dataset(stream: Stream, params: ViewParams, *, strict: bool, decode_work
     # Ray Data buffers a task's output up to this size before it becomes a block the consumer can see: at the
     # default 128 MB a task over small crops would deliver nothing until it finished.
     dataset.context.target_max_block_size = _YIELD_BYTES
+    # Ray Data's per-operator reservation holds back part of the CPUs for downstream operators and their outputs;
+    # these pipelines are one fused operator, so it only throttles it (on 2 CPUs: one task at a time, 0.5x the
+    # DataLoader's rows/s in benchmarks/data.py; about 0.9x without it).
+    dataset.context.op_resource_reservation_enabled = False
     return dataset
 
 
