@@ -91,7 +91,7 @@ def timed(batches: Iterable[dict]) -> tuple[int, float, float]:
     return rows, first, rows / (time.perf_counter() - start)
 
 
-def run(name: str, root: str, crop: int, epochs: int, cpus: int, repeats: int) -> list[tuple]:
+def run(name: str, root: str, crop: int, epochs: int, cpus: int, repeats: int, reservation: bool) -> list[tuple]:
     """Best of `repeats` for each pipeline (the machine may be shared): (dataset, pipeline, rows, first s, rows/s)."""
     import ray
 
@@ -100,6 +100,7 @@ def run(name: str, root: str, crop: int, epochs: int, cpus: int, repeats: int) -
     stream = Stream(root, "unlabeled", row_groups(root, "unlabeled"), seed=0, num_epochs=epochs)
     runs: dict[str, list[tuple]] = {}
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = reservation
     for label, workers in (("Ray Data, tasks", 0), (f"Ray Data, {cpus} actors", cpus)):
         # One untimed pass first: it starts Ray's worker processes (each imports torch, seconds here), which a
         # training run pays once; the timed passes follow back to back so they find those processes warm.
@@ -123,6 +124,12 @@ def main() -> None:
     parser.add_argument("--jpeg-images", type=int, default=96, help="generated 500x375 JPEGs (crop 321)")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per pipeline; the best is reported")
     parser.add_argument("--cache", default=None, help="where to put the datasets (default: a temp folder)")
+    parser.add_argument(
+        "--no-reservation",
+        action="store_true",
+        help="turn off Ray Data's per-operator resource reservation (DataContext.op_resource_reservation_enabled), "
+        "which holds a lone operator to one task at a time on 2 CPUs; the training job keeps it on",
+    )
     args = parser.parse_args()
     import ray
 
@@ -133,10 +140,13 @@ def main() -> None:
         jpegs = str(make_jpeg_dataset(cache / "jpeg", args.jpeg_images))
         rows = []
         for name, root, crop in (("built-in 96 px, crop 64", builtin, 64), ("JPEG 500x375, crop 321", jpegs, 321)):
-            rows.extend(run(name, root, crop, args.epochs, args.cpus, args.repeats))
+            rows.extend(run(name, root, crop, args.epochs, args.cpus, args.repeats, not args.no_reservation))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, {args.cpus} used"
     load = f"load average {os.getloadavg()[0]:.1f}"
-    print(f"\nmachine: {machine}, {load}; torch {torch.__version__}, ray {ray.__version__}\n")
+    reservation = "off" if args.no_reservation else "on"
+    print(
+        f"\nmachine: {machine}, {load}; torch {torch.__version__}, ray {ray.__version__}; reservation {reservation}\n"
+    )
     print("| dataset | pipeline | rows | first batch (s) | rows/s | ratio vs DataLoader |")
     print("|---|---|---|---|---|---|")
     for name in dict.fromkeys(r[0] for r in rows):

@@ -560,10 +560,6 @@ def ray_dataset(stream: Stream, params: ViewParams, *, strict: bool, decode_work
     # Ray Data buffers a task's output up to this size before it becomes a block the consumer can see: at the
     # default 128 MB a task over small crops would deliver nothing until it finished.
     dataset.context.target_max_block_size = _YIELD_BYTES
-    # Ray Data's per-operator reservation holds back part of the CPUs for downstream operators and their outputs;
-    # these pipelines are one fused operator, so it only throttles it (on 2 CPUs: one task at a time, 0.5x the
-    # DataLoader's rows/s in benchmarks/data.py; about 0.9x without it).
-    dataset.context.op_resource_reservation_enabled = False
     return dataset
 
 
