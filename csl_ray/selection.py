@@ -32,9 +32,11 @@ EPS = 1e-10
 """The epsilon of CSL_SPEC (as released): in g = (C-1)^2 / (2(1 - m + eps)) and in z = d / sqrt(v + eps)."""
 RANK_TOL = 1e-12
 """An eigenvalue of the 2x2 Gram matrix below RANK_TOL * trace counts as zero (CSL_SPEC section 2)."""
-_CPU_TILE_PIXELS = 1 << 17
-"""Pixels per CPU tile, summed over the batch: each float32 work array of a tile is then 0.5 MiB, so the dozen of
-them stay in cache, while every op is still large enough to amortise its dispatch and to split across threads."""
+_CPU_TILE_PIXELS = 1 << 20
+"""Pixels per CPU tile, summed over the batch (4 MiB per float32 work array, about 80 MiB of work arrays in all).
+Measured on a 2-core VM with benchmarks/selector.py: 2^17-pixel tiles (cache-sized) were the fastest with one
+thread but twice as slow with two, where each small op split across threads ran slower than on one; 2^20 is within
+1.3x of the best in both cases (16x21x321^2: 113 -> 149 ms on 1 thread, 218 -> 116 ms on 2)."""
 
 
 @dataclass
