@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import tempfile
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--jpeg-images", type=int, default=96, help="generated 500x375 JPEGs (crop 321)")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per pipeline; the best is reported")
     parser.add_argument("--cache", default=None, help="where to put the datasets (default: a temp folder)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     parser.add_argument(
         "--no-reservation",
         action="store_true",
@@ -149,11 +151,20 @@ def main() -> None:
     )
     print("| dataset | pipeline | rows | first batch (s) | rows/s | ratio vs DataLoader |")
     print("|---|---|---|---|---|---|")
+    table = []
     for name in dict.fromkeys(r[0] for r in rows):
         group = [r for r in rows if r[0] == name]
-        baseline = group[-1][4]
+        baseline = group[-1][4]  # the DataLoader runs last
         for _, label, count, first, rate in group:
             print(f"| {name} | {label} | {count} | {first:.1f} | {rate:.0f} | {rate / baseline:.2f} |")
+            table.append(
+                {"dataset": name, "pipeline": label, "rows": count, "first_batch_s": first, "rows_per_s": rate,
+                 "ratio_vs_dataloader": rate / baseline}
+            )  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        results = {"machine": machine, "load": load, "reservation": reservation, "results": table}
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ CPU/GPU overlap; the unsynchronised step time is printed as well.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="rows per batch (default: data.global_batch_size)")
     parser.add_argument("--steps", type=int, default=10, help="timed iterations (default: 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: 3)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args()
 
@@ -124,6 +127,19 @@ def main() -> None:
     print(f"| total, no phase syncs | {1e3 * unsynced:.1f} | |")
     share = 100 * timer.seconds.get("selector", 0.0) / total
     print(f"\nselector share: {share:.2f} % (goal <= 3 %)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        milliseconds = {name: 1e3 * seconds / args.steps for name, seconds in timer.seconds.items()}
+        results = {
+            "preset": preset,
+            "machine": machine(device),
+            "precision": precision,
+            "batch": batch,
+            "ms_per_iteration": milliseconds,
+            "ms_per_iteration_unsynced": 1e3 * unsynced,
+            "selector_share_percent": share,
+        }
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
