@@ -378,3 +378,15 @@ def test_build_selector_dispatches_from_config():
 def test_bad_arguments_are_rejected(probs, valid, options, match):
     with pytest.raises(ValueError, match=match):
         csl_select(probs, valid, **options)
+
+
+def test_csl_trusts_a_large_share_of_even_a_near_uniform_teacher():
+    """CSL's split is relative to each image (README, "Quality on the built-in data"): with every max-probability
+    below 0.3 it still marks a large share of each image reliable, where the fixed threshold marks none."""
+    g = torch.Generator().manual_seed(0)
+    probs = (0.1 * torch.randn(4, 6, 32, 32, generator=g)).softmax(1)
+    valid = torch.ones(4, 32, 32, dtype=torch.bool)
+    assert probs.amax(1).max() < 0.3
+    share = csl_select(probs, valid).reliable.float().mean(dim=(1, 2))
+    assert (share > 0.25).all(), share
+    assert not threshold_select(probs, valid, threshold=0.95).reliable.any()
