@@ -280,15 +280,16 @@ def pseudo_label_panels(
 
     from csl_ray.augment import IMAGENET_MEAN
     from csl_ray.evaluate import predict
+    from csl_ray.masking import apply_tmp
 
     probs = predict(model, batch["image_weak"], mode="full", crop_size=batch["image_weak"].shape[-1])
     valid = batch["valid"].to(probs.device)
     selection = selector(probs, valid)
-    labels, weights = selection.labels.cpu(), selection.weights.float().cpu()
-    reliable = (selection.reliable & valid).cpu()
-    blanked = batch["tmp_cells"].cpu() & reliable
-    mean_rgb = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1)
-    masked = torch.where(blanked.unsqueeze(1), mean_rgb, batch["image_masked"].cpu())
+    labels, weights, reliable = selection.labels.cpu(), selection.weights.float().cpu(), selection.reliable.cpu()
+    # The step's own masking on mean-centred pixels: its 0 is the dataset mean, as a normalised 0 is.
+    mean_rgb = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.int16).view(3, 1, 1)
+    centred = batch["image_masked"].cpu().to(torch.int16) - mean_rgb
+    masked = (apply_tmp(centred, batch["tmp_cells"].cpu(), reliable) + mean_rgb).to(torch.uint8)
     truth = batch["mask"].cpu() if "mask" in batch else torch.full_like(labels, ignore_index)
     rows = []
     for i in range(labels.shape[0]):
