@@ -34,9 +34,9 @@ RANK_TOL = 1e-12
 """An eigenvalue of the 2x2 Gram matrix below RANK_TOL * trace counts as zero (CSL_SPEC section 2)."""
 _CPU_TILE_PIXELS = 1 << 20
 """Pixels per CPU tile, summed over the batch (4 MiB per float32 work array, about 80 MiB of work arrays in all).
-Measured on a 2-core VM with benchmarks/selector.py: 2^17-pixel tiles (cache-sized) were the fastest with one
-thread but twice as slow with two, where each small op split across threads ran slower than on one; 2^20 is within
-1.3x of the best in both cases (16x21x321^2: 113 -> 149 ms on 1 thread, 218 -> 116 ms on 2)."""
+`benchmarks/selector.py` on a 2-core VM, csl median at 16x21x321^2 / 8x19x801^2: cache-sized 2^17-pixel tiles took
+113 / 335 ms on 1 thread but 209 / 617 ms on 2, where each small op split across threads ran slower than on one;
+2^20-pixel tiles take 154 / 392 ms on 1 thread and 113 / 292 ms on 2."""
 
 
 @dataclass
