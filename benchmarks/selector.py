@@ -45,7 +45,8 @@ def released_select(probs: torch.Tensor, valid: torch.Tensor, *, alpha: float = 
     """The released CSL selector's algorithm (defaults: released residual variance, csl rule); returns the weights.
 
     Follows the structure of the authors' code. One deviation, so that the outputs can be compared: an empty cluster
-    is never chosen as the reliable one (CSL_SPEC section 2); the released code gives it mean 0 and would pick it.
+    is never chosen as the reliable one (docs/method.md, Selection); the released code gives it mean 0 and would
+    pick it.
 
     Args:
         probs: float [N, C, H, W] softmax.

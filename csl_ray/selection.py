@@ -1,4 +1,4 @@
-"""Pseudo-label selection (CSL_SPEC sections 1-3): the CSL selector and the threshold / none baselines.
+"""Pseudo-label selection (docs/method.md, Selection): the CSL selector and the threshold / none baselines.
 
 Every selector maps teacher probabilities [N, C, H, W] and a validity mask [N, H, W] to a `Selection`:
 
@@ -6,10 +6,13 @@ Every selector maps teacher probabilities [N, C, H, W] and a validity mask [N, H
     select = build_selector(cfg.ssl.selector)    # the configured selector as a (probs, valid) -> Selection callable
 
 `csl_select` is batched: each image's 2x2 spectral problem needs only masked sums over that image's pixels, so all
-images are solved together in closed form, with no loop over images or pixels. On CPU the work runs over tiles of
-pixels (every image at once) so that the per-pixel intermediates stay in cache, and each tile reduces the class
-dimension in one pass: running max, its first index, and the sums of the other probabilities. Nothing of size
-[N, C, H, W] is allocated (except a float32 copy of one tile for half-precision input).
+images are solved together in closed form, with no loop over images or pixels. It makes three passes over the
+pixels, one per step of the method: the features (a, b) and each image's Gram matrix; the cluster of every pixel
+and the moments of the second cluster; the soft weights from the reliable cluster's mean and variance. On CPU each
+pass runs over tiles of pixels (every image at once) so that the per-pixel intermediates stay in cache, and the
+first pass reduces the class dimension in one sweep: running max, its first index, and the sums of the other
+probabilities. Nothing of size [N, C, H, W] is allocated (except a float32 copy of one tile for half-precision
+input).
 
 Precision: per-pixel work runs in float32 (float64 for float64 input); every per-image sum is accumulated in float64
 from exact float64 products, and the 2x2 eigenproblems are solved in float64. The residual sums leave the arg-max
@@ -29,9 +32,9 @@ from torch import Tensor
 from csl_ray.config import SelectorConfig
 
 EPS = 1e-10
-"""The epsilon of CSL_SPEC (as released): in g = (C-1)^2 / (2(1 - m + eps)) and in z = d / sqrt(v + eps)."""
+"""The epsilon of the released code: in g = (C-1)^2 / (2(1 - m + eps)) and in z = d / sqrt(v + eps)."""
 RANK_TOL = 1e-12
-"""An eigenvalue of the 2x2 Gram matrix below RANK_TOL * trace counts as zero (CSL_SPEC section 2)."""
+"""An eigenvalue of the 2x2 Gram matrix below RANK_TOL * trace counts as zero (docs/method.md, Selection)."""
 _CPU_TILE_PIXELS = 1 << 20
 """Pixels per CPU tile, summed over the batch (4 MiB per float32 work array, about 80 MiB of work arrays in all).
 `benchmarks/selector.py` on a 2-core VM, csl median at 16x21x321^2 / 8x19x801^2: cache-sized 2^17-pixel tiles took
@@ -74,95 +77,109 @@ def _check_inputs(probs: Tensor, valid: Tensor) -> tuple[int, int, int, int]:
     return n, c, h, w
 
 
-def _tiles(n: int, pixels: int, device: torch.device) -> list[tuple[int, int]]:
-    """Pixel ranges [start, stop) of the tiles; one tile off the CPU, where caches are not the bottleneck."""
-    step = max(pixels, 1) if device.type != "cpu" else max(256, _CPU_TILE_PIXELS // max(n, 1))
-    return [(start, min(start + step, pixels)) for start in range(0, max(pixels, 1), step)]
-
-
-def _class_pass(x: Tensor, top: Tensor, arg: Tensor, beats: Tensor, rest: Tensor | None = None) -> None:
+def _class_pass(
+    probs: Tensor,
+    max_prob: Tensor,
+    argmax: Tensor,
+    is_new_max: Tensor,
+    residual_sums: Tensor | None = None,
+    loser: Tensor | None = None,
+) -> None:
     """One pass over the classes of a tile: max, first arg-max and (optionally) sums over the other classes.
 
     Args:
-        x: probabilities [n, C, l] in the compute dtype (a view is fine).
-        top: out [n, l], the max over classes (non-finite if any class is NaN or the max is inf).
-        arg: out [n, l], the first arg-max as a float (exact up to 2^24 classes).
-        beats: scratch [n, l].
-        rest: out [3, n, l] or None: rows 0 and 1 get the sum and the sum of squares of every class but the arg-max;
-            row 2 is scratch.
+        probs: probabilities [n, C, l] in the compute dtype (a view is fine).
+        max_prob: out [n, l], the max over classes (non-finite if any class is NaN or the max is inf).
+        argmax: out [n, l], the first arg-max as a float (exact up to 2^24 classes).
+        is_new_max: scratch [n, l].
+        residual_sums: out [2, n, l] or None: the sum and the sum of squares of every class but the arg-max.
+        loser: scratch [n, l], needed with `residual_sums`.
     """
-    marks = torch.arange(x.shape[1], dtype=arg.dtype, device=arg.device)
-    top.copy_(x[:, 0])
-    arg.zero_()
-    if rest is not None:
-        rest[:2].zero_()
-    for c in range(1, x.shape[1]):
-        xc = x[:, c]
+    class_ids = torch.arange(probs.shape[1], dtype=argmax.dtype, device=argmax.device)
+    max_prob.copy_(probs[:, 0])
+    argmax.zero_()
+    if residual_sums is not None:
+        residual_sums.zero_()
+    for c in range(1, probs.shape[1]):
+        prob_c = probs[:, c]
         # Classes arrive in order, so a strictly larger value hands the arg-max to c (ties keep the first class).
         # lerp with a 0/1 weight is an exact select, and cheaper than torch.where / minimum / maximum here.
-        torch.gt(xc, top, out=beats)
-        torch.lerp(arg, marks[c], beats, out=arg)
-        if rest is not None:
-            # The loser of (x_c, running max) is never the arg-max entry: summing losers leaves exactly that one out.
-            loser = torch.lerp(xc, top, beats, out=rest[2])
-            rest[0].add_(loser)
-            rest[1].addcmul_(loser, loser)
-        torch.lerp(top, xc, beats, out=top)
+        torch.gt(prob_c, max_prob, out=is_new_max)
+        torch.lerp(argmax, class_ids[c], is_new_max, out=argmax)
+        if residual_sums is not None:
+            # The loser of (p_c, running max) is never the arg-max entry: summing losers leaves exactly that one out.
+            torch.lerp(prob_c, max_prob, is_new_max, out=loser)
+            residual_sums[0].add_(loser)
+            residual_sums[1].addcmul_(loser, loser)
+        torch.lerp(max_prob, prob_c, is_new_max, out=max_prob)
 
 
-def _features(top: Tensor, rest: Tensor, a: Tensor, b: Tensor, scratch: Tensor, num_classes: int, kappa: float) -> None:
-    """Per-pixel features a = log m and b = -s (CSL_SPEC section 1) from the max and the residual sums.
+def _features(max_prob: Tensor, residual_sums: Tensor, a: Tensor, b: Tensor, num_classes: int, kappa: float) -> None:
+    """Per-pixel features a = log m and b = -s (docs/method.md, Selection) from the max and the residual sums.
 
     With r1, r2 the sum and sum of squares of the C-1 non-max probabilities and mu_r = r1 / (C-1):
     (C-1) sigma^2 = sum_{c != y}(p_c - mu_r)^2 [+ mu_r^2 as released] = r2 - kappa r1^2, with
     kappa = (C-2)/(C-1)^2 (released) or 1/(C-1) (population); s = g sigma^2 = (C-1)/2 * (C-1) sigma^2 / (1 - m + eps).
+    `a` is written first and serves as scratch for `b`'s denominator before the log.
     """
-    torch.log(top, out=a)
     # r1^2 is rounded on its own (no fused multiply-add) so that a single residual class (C = 2, population) gives
     # exactly r2 - r1^2 = 0, as in the reference; the clamp catches rounding below 0 for other uniform residuals.
-    torch.mul(rest[0], rest[0], out=b)
-    torch.add(rest[1], b, alpha=-kappa, out=b).clamp_(min=0.0)
+    torch.mul(residual_sums[0], residual_sums[0], out=b)
+    torch.add(residual_sums[1], b, alpha=-kappa, out=b).clamp_(min=0.0)
     # 1 - m is exact for m >= 1/2; eps is added after the subtraction, as in the reference.
-    torch.sub(torch.ones((), dtype=top.dtype, device=top.device), top, out=scratch).add_(EPS)
-    b.div_(scratch).mul_(-0.5 * (num_classes - 1))
+    one_minus_max = torch.sub(torch.ones((), dtype=max_prob.dtype, device=max_prob.device), max_prob, out=a)
+    b.div_(one_minus_max.add_(EPS)).mul_(-0.5 * (num_classes - 1))
+    torch.log(max_prob, out=a)
 
 
-def _mask_unusable(a: Tensor, b: Tensor, usable: Tensor, scratch: Tensor) -> None:
+def _mask_unusable(a: Tensor, b: Tensor, usable: Tensor) -> None:
     """Zeroes the features outside `usable` (float 0/1) and drops pixels with non-finite features from it."""
-    torch.add(a, b, out=scratch)
-    if bool(torch.isfinite(scratch.sum())):  # the common case: one cheap reduction instead of a per-pixel test
+    if bool(torch.isfinite(a.sum() + b.sum())):  # the common case: two cheap reductions instead of a per-pixel test
         a.mul_(usable)
         b.mul_(usable)
         return
-    usable.mul_(torch.isfinite(scratch))
+    usable.mul_(torch.isfinite(a) & torch.isfinite(b))
     a.nan_to_num_(0.0, 0.0, 0.0).mul_(usable)
     b.nan_to_num_(0.0, 0.0, 0.0).mul_(usable)
 
 
+def _moment_rows(features: Tensor, indicator: Tensor, out: Tensor) -> Tensor:
+    """f = (a, b, 1) times a 0/1 indicator, widened to float64 [n, 3, l] (its f f^T products are exact there).
+
+    Args:
+        features: [n, 2, l], rows a and b (already 0 outside the usable pixels).
+        indicator: [n, l], 1 on the pixels to count.
+        out: float64 [n, 3, l].
+    """
+    out[:, 2].copy_(indicator)
+    torch.mul(features, indicator[:, None], out=out[:, :2])
+    return out
+
+
 def _whitened_directions(gram: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
-    """Closed-form 2x2 symmetric eigen-solve, batched: h_k = x . v_k / s_k (CSL_SPEC section 2).
+    """Closed-form 2x2 symmetric eigen-solve, batched: h_k = x . v_k / s_k (docs/method.md, Selection).
 
     Args:
         gram: float64 [n, 2, 2], G = X^T X per image.
         ridge: s_k = sqrt(lambda_k + ridge * trace / 2).
 
     Returns:
-        coef float64 [n, 2, 2] with h_k = coef[:, k] . (a, b) (rows zero where s_k = 0), and the eigenvalues [n, 2]
-        (decreasing, those below RANK_TOL * trace set to 0).
+        directions float64 [n, 2, 2] with h_k = directions[:, k] . (a, b) (rows zero where s_k = 0), and the
+        eigenvalues [n, 2] (decreasing, those below RANK_TOL * trace set to 0).
     """
     p, q, r = gram[:, 0, 0], gram[:, 0, 1], gram[:, 1, 1]
     trace = p + r
     half_gap = torch.hypot(0.5 * (p - r), q)
-    lam = torch.stack([0.5 * trace + half_gap, 0.5 * trace - half_gap], dim=1)
-    lam = torch.where(lam < RANK_TOL * trace[:, None], 0.0, lam)  # also clears negative rounding of lambda_2
+    eigenvalues = torch.stack([0.5 * trace + half_gap, 0.5 * trace - half_gap], dim=1)
+    eigenvalues = torch.where(eigenvalues < RANK_TOL * trace[:, None], 0.0, eigenvalues)  # also clears rounding < 0
     # The leading eigenvector is at angle theta with tan(2 theta) = 2q / (p - r); atan2 picks the maximum, not the
     # minimum, of the Rayleigh quotient. Its sign is arbitrary, which |h_k| ignores.
     theta = 0.5 * torch.atan2(2.0 * q, p - r)
     cos, sin = torch.cos(theta), torch.sin(theta)
-    vectors = torch.stack([torch.stack([cos, sin], dim=1), torch.stack([-sin, cos], dim=1)], dim=1)
-    scale = torch.sqrt(lam + ridge * 0.5 * trace[:, None])
-    inverse = torch.where(scale > 0, 1.0 / scale, 0.0)  # a zero s_k gives h_k = 0
-    return vectors * inverse[:, :, None], lam
+    eigenvectors = torch.stack([torch.stack([cos, sin], dim=1), torch.stack([-sin, cos], dim=1)], dim=1)
+    singular_values = torch.sqrt(eigenvalues + ridge * 0.5 * trace[:, None])
+    inverse = torch.where(singular_values > 0, 1.0 / singular_values, 0.0)  # a zero s_k gives h_k = 0
+    return eigenvectors * inverse[:, :, None], eigenvalues
 
 
 def _cluster_moments(total: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -182,6 +199,24 @@ def _cluster_moments(total: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Ten
     return count, mean, var
 
 
+class _Tiling:
+    """Pixel ranges [start, stop) that every pass walks, and the [n, 2, size] feature view of one range.
+
+    The features live in one [n, 2 * pixels] buffer with each tile's a row and b row side by side, so a tile's
+    features are contiguous and `torch.bmm` reads them without a copy.
+    """
+
+    def __init__(self, n: int, pixels: int, device: torch.device) -> None:
+        # One tile off the CPU, where caches are not the bottleneck.
+        step = max(pixels, 1) if device.type != "cpu" else max(256, _CPU_TILE_PIXELS // max(n, 1))
+        self.ranges = [(start, min(start + step, pixels)) for start in range(0, max(pixels, 1), step)]
+        self.span = self.ranges[0][1] - self.ranges[0][0]
+
+    @staticmethod
+    def features(features: Tensor, start: int, stop: int) -> Tensor:
+        return features[:, 2 * start : 2 * stop].unflatten(1, (2, stop - start))
+
+
 @torch.no_grad()
 def csl_select(
     probs: Tensor,
@@ -193,10 +228,12 @@ def csl_select(
     residual_rule: str = "csl",
     residual_variance: str = "released",
 ) -> Selection:
-    """Confidence Separable Learning selection (CSL_SPEC sections 1-3), batched over images.
+    """Confidence Separable Learning selection (docs/method.md, Selection), batched over images.
 
-    Pixels with a non-finite probability (or a max of 0, whose log is -inf) count as invalid. Image i's result
-    depends only on image i.
+    Three passes over tiles of pixels, one per step of the method: (1) the features and each image's Gram matrix,
+    (2) the cluster of every pixel and the second cluster's moments, (3) the soft weights from the reliable
+    cluster's statistics. Pixels with a non-finite probability (or a max of 0, whose log is -inf) count as invalid.
+    Image i's result depends only on image i.
 
     Args:
         probs: teacher softmax [N, C, H, W], any float dtype, any device.
@@ -221,103 +258,92 @@ def csl_select(
     device = probs.device
     dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
     kappa = (num_classes - 2) / (num_classes - 1) ** 2 if residual_variance == "released" else 1.0 / (num_classes - 1)
-    x = probs.reshape(n, num_classes, pixels)
-    valid_flat = valid.reshape(n, pixels)
-    tiles = _tiles(n, pixels, device)
-    span = tiles[0][1] - tiles[0][0]
+    probs_flat, valid_flat = probs.reshape(n, num_classes, pixels), valid.reshape(n, pixels)
+    tiling = _Tiling(n, pixels, device)
 
-    def work(*shape: int, dt: torch.dtype = dtype) -> Tensor:
+    def buffer(*shape: int, dt: torch.dtype = dtype) -> Tensor:
         return torch.empty(*shape, dtype=dt, device=device)
 
-    confidence, labels = work(n, pixels, dt=torch.float32), work(n, pixels, dt=torch.int64)
-    weights, reliable = work(n, pixels, dt=torch.float32), work(n, pixels, dt=torch.bool)
-    # Fresh memory costs a page fault per 4 KiB, a large share of the time at these sizes, so the intermediates live
-    # in the output buffers until pass 3 overwrites them tile by tile: `weights` holds "usable" (valid and finite, as
-    # 0/1); for float32 work and C <= 256, `reliable` holds the labels as uint8 and the int64 `labels` hold the
-    # features, each tile's a and b side by side in the bytes of that tile's labels.
-    stash = dtype == torch.float32 and num_classes <= 256
-    label_stash = reliable.view(torch.uint8) if stash else labels
-    feats = labels.view(torch.float32) if stash else work(n, 2 * pixels)
+    confidence, labels = buffer(n, pixels, dt=torch.float32), buffer(n, pixels, dt=torch.int64)
+    # `weights` holds the usable mask (valid and finite, as 0/1), the first factor of every weight, until pass 3
+    # multiplies the soft weight in.
+    weights, reliable = buffer(n, pixels, dt=torch.float32), buffer(n, pixels, dt=torch.bool)
+    features = buffer(n, 2 * pixels)
+    moment_rows = buffer(n, 3, tiling.span, dt=torch.float64)
 
-    def feature_tile(start: int, stop: int) -> Tensor:
-        """[n, 2, size] view of a tile's features (rows a, b; 0 where not usable)."""
-        return feats[:, 2 * start : 2 * stop].unflatten(1, (2, stop - start))
-
-    top, arg, scratch, rest = work(n, span), work(n, span), work(n, span), work(3, n, span)
-    wide, wide_masked = work(n, 3, span, dt=torch.float64), work(n, 3, span, dt=torch.float64)
-    tile_copy = work(n, num_classes, span) if probs.dtype != dtype else None
-
-    # Pass 1: features, and the per-image moments sum f f^T with f = (a, b, 1) over usable pixels (float64).
+    # Pass 1, the features: (a, b) per pixel and the per-image moments sum f f^T, f = (a, b, 1), over usable pixels.
     total = torch.zeros(n, 3, 3, dtype=torch.float64, device=device)
-    for start, stop in tiles:
+    max_prob, argmax, is_new_max, loser = (buffer(n, tiling.span) for _ in range(4))
+    residual_sums = buffer(2, n, tiling.span)
+    upcast_tile = buffer(n, num_classes, tiling.span) if probs.dtype != dtype else None
+    for start, stop in tiling.ranges:
         size = stop - start
-        xt = x[:, :, start:stop]
-        if tile_copy is not None:
-            xt = tile_copy[:, :, :size].copy_(xt)
-        tt, st, rt = top[:, :size], scratch[:, :size], rest[:, :, :size]
-        _class_pass(xt, tt, arg[:, :size], st, rt)
-        confidence[:, start:stop].copy_(tt)
-        label_stash[:, start:stop].copy_(arg[:, :size])
-        ft, ut = feature_tile(start, stop), weights[:, start:stop].copy_(valid_flat[:, start:stop])
-        _features(tt, rt, ft[:, 0], ft[:, 1], st, num_classes, kappa)
-        _mask_unusable(ft[:, 0], ft[:, 1], ut, st)
-        fw = wide[:, :, :size]
-        fw[:, :2].copy_(ft)
-        fw[:, 2].copy_(ut)
-        total.baddbmm_(fw, fw.mT)
+        probs_tile = probs_flat[:, :, start:stop]
+        if upcast_tile is not None:
+            probs_tile = upcast_tile[:, :, :size].copy_(probs_tile)
+        max_tile, sums_tile = max_prob[:, :size], residual_sums[:, :, :size]
+        _class_pass(probs_tile, max_tile, argmax[:, :size], is_new_max[:, :size], sums_tile, loser[:, :size])
+        confidence[:, start:stop].copy_(max_tile)
+        labels[:, start:stop].copy_(argmax[:, :size])
+        usable = weights[:, start:stop].copy_(valid_flat[:, start:stop])
+        a, b = tiling.features(features, start, stop).unbind(1)
+        _features(max_tile, sums_tile, a, b, num_classes, kappa)
+        _mask_unusable(a, b, usable)
+        rows = _moment_rows(tiling.features(features, start, stop), usable, moment_rows[:, :, :size])
+        total.baddbmm_(rows, rows.mT)
+    del max_prob, argmax, is_new_max, loser, residual_sums, upcast_tile
 
-    coef, eigenvalues = _whitened_directions(total[:, :2, :2], ridge)
-    coef = coef.to(dtype)
+    # The separation: the whitened directions from the 2x2 Gram matrix G = X^T X of each image.
+    directions, eigenvalues = _whitened_directions(total[:, :2, :2], ridge)
+    directions = directions.to(dtype)
 
-    # Pass 2: cluster assignment argmax_k |h_k| (ties -> leading) and the moments of the second cluster.
+    # Pass 2, the clusters: each pixel goes to argmax_k |h_k| (ties -> the leading one); sum f f^T over the second.
     second = torch.zeros(n, 3, 3, dtype=torch.float64, device=device)
-    h = work(n, 2, span)
-    for start, stop in tiles:
+    h, in_second = buffer(n, 2, tiling.span), buffer(n, tiling.span)
+    second_rows = buffer(n, 3, tiling.span, dt=torch.float64)
+    for start, stop in tiling.ranges:
         size = stop - start
-        ft, ut = feature_tile(start, stop), weights[:, start:stop]
-        ht = torch.bmm(coef, ft, out=h[:, :, :size]).abs_()
-        in_second = torch.gt(ht[:, 1], ht[:, 0], out=scratch[:, :size]).mul_(ut)
-        fw, fm = wide[:, :, :size], wide_masked[:, :, :size]
-        fw[:, :2].copy_(ft)
-        fw[:, 2].copy_(ut)
-        fm[:, 2].copy_(in_second)
-        torch.mul(fw[:, :2], fm[:, 2:], out=fm[:, :2])
-        second.baddbmm_(fm, fw.mT)
+        tile_features, usable = tiling.features(features, start, stop), weights[:, start:stop]
+        h_abs = torch.bmm(directions, tile_features, out=h[:, :, :size]).abs_()
+        in_second_tile = torch.gt(h_abs[:, 1], h_abs[:, 0], out=in_second[:, :size]).mul_(usable)
+        rows = _moment_rows(tile_features, usable, moment_rows[:, :, :size])
+        rows_second = _moment_rows(tile_features, in_second_tile, second_rows[:, :, :size])
+        second.baddbmm_(rows_second, rows.mT)
+    del h, in_second, second_rows, moment_rows
 
+    # The reliable cluster R: the higher score mean a + lam * mean b; ties and an empty second cluster go to the
+    # leading one.
     count, mean, var = _cluster_moments(total, second)
     score = mean[..., 0] + lam * mean[..., 1]
-    # The reliable cluster R: the higher score; ties and an empty second cluster go to the leading one.
     pick_second = (count[:, 1] > 0) & ((count[:, 0] == 0) | (score[:, 1] > score[:, 0]))
-    r_mean = torch.where(pick_second[:, None], mean[:, 1], mean[:, 0])
-    r_var = torch.where(pick_second[:, None], var[:, 1], var[:, 0])
-    inv_sd = torch.rsqrt(r_var + EPS)
+    reliable_mean = torch.where(pick_second[:, None], mean[:, 1], mean[:, 0])
+    reliable_var = torch.where(pick_second[:, None], var[:, 1], var[:, 0])
+    inverse_sd = torch.rsqrt(reliable_var + EPS)
     if residual_rule == "csl":
-        inv_sd[:, 1].neg_()  # z_b = (mu_b - b) / sd = (b - mu_b) * (-1 / sd)
-    mean_a, mean_b = (t.to(dtype)[:, None] for t in r_mean.unbind(1))
-    scale_a, scale_b = (t.to(dtype)[:, None] for t in inv_sd.unbind(1))
+        inverse_sd[:, 1].neg_()  # z_b = (mu_b - b) / sd = (b - mu_b) * (-1 / sd)
+    mean_a, mean_b = (t.to(dtype)[:, None] for t in reliable_mean.unbind(1))
+    scale_a, scale_b = (t.to(dtype)[:, None] for t in inverse_sd.unbind(1))
 
-    # Pass 3: w = 1 if z_a > 0 or z_b > 0, else exp(-(z_a^2 + z_b^2) / alpha); times usable.
-    za_buf = work(n, span)
-    for start, stop in tiles:
+    # Pass 3, the weights: w = 1 if z_a > 0 or z_b > 0, else exp(-(z_a^2 + z_b^2) / alpha); times usable.
+    z_a, z_b, beyond_mean = (buffer(n, tiling.span) for _ in range(3))
+    for start, stop in tiling.ranges:
         size = stop - start
-        ft, ut = feature_tile(start, stop), weights[:, start:stop]
+        a, b = tiling.features(features, start, stop).unbind(1)
+        weights_tile = weights[:, start:stop]  # still the usable mask
         # Subtract, then scale: a pixel equal to the mean gets z = 0 exactly (a 1-pixel cluster gets w = 1).
-        za = torch.sub(ft[:, 0], mean_a, out=za_buf[:, :size]).mul_(scale_a)
-        zb = torch.sub(ft[:, 1], mean_b, out=scratch[:, :size]).mul_(scale_b)
-        above = torch.maximum(za, zb, out=top[:, :size])
-        torch.gt(above, 0.0, out=above)
-        za.mul_(za).addcmul_(zb, zb).mul_(-1.0 / alpha).exp_()
-        ut.mul_(torch.maximum(za, above, out=za))
-        if stash:  # this order: the tile's features, then its stashed labels, are consumed before being overwritten
-            labels[:, start:stop].copy_(label_stash[:, start:stop])
-        torch.eq(ut, 1.0, out=reliable[:, start:stop])
+        za = torch.sub(a, mean_a, out=z_a[:, :size]).mul_(scale_a)
+        zb = torch.sub(b, mean_b, out=z_b[:, :size]).mul_(scale_b)
+        beyond = torch.gt(torch.maximum(za, zb, out=beyond_mean[:, :size]), 0.0, out=beyond_mean[:, :size])
+        soft = za.mul_(za).addcmul_(zb, zb).mul_(-1.0 / alpha).exp_()  # in z_a's buffer, which is not read again
+        weights_tile.mul_(torch.maximum(soft, beyond, out=soft))
+        torch.eq(weights_tile, 1.0, out=reliable[:, start:stop])
 
     stats = {
         "num_valid": count.sum(1).long(),
         "cluster_sizes": count.long(),
         "reliable_cluster": pick_second.long(),
-        "reliable_mean": r_mean.float(),
-        "reliable_var": r_var.float(),
+        "reliable_mean": reliable_mean.float(),
+        "reliable_var": reliable_var.float(),
         "eigenvalues": eigenvalues.float(),
     }
     shape = (n, height, width)
@@ -336,24 +362,24 @@ def _max_argmax(probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     pixels = height * width
     device = probs.device
     dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    x = probs.reshape(n, num_classes, pixels)
-    tiles = _tiles(n, pixels, device)
-    span = tiles[0][1] - tiles[0][0]
+    probs_flat = probs.reshape(n, num_classes, pixels)
+    tiling = _Tiling(n, pixels, device)
     confidence = torch.empty(n, pixels, dtype=torch.float32, device=device)
     labels = torch.empty(n, pixels, dtype=torch.int64, device=device)
     finite = torch.empty(n, pixels, dtype=torch.bool, device=device)
-    top, arg, beats, class_sum = (torch.empty(n, span, dtype=dtype, device=device) for _ in range(4))
-    tile_copy = torch.empty(n, num_classes, span, dtype=dtype, device=device) if probs.dtype != dtype else None
-    for start, stop in tiles:
+    span = tiling.span
+    max_prob, argmax, is_new_max, class_sum = (torch.empty(n, span, dtype=dtype, device=device) for _ in range(4))
+    upcast_tile = torch.empty(n, num_classes, span, dtype=dtype, device=device) if probs.dtype != dtype else None
+    for start, stop in tiling.ranges:
         size = stop - start
-        xt = x[:, :, start:stop]
-        if tile_copy is not None:
-            xt = tile_copy[:, :, :size].copy_(xt)
-        _class_pass(xt, top[:, :size], arg[:, :size], beats[:, :size])
-        confidence[:, start:stop].copy_(top[:, :size])
-        labels[:, start:stop].copy_(arg[:, :size])
+        probs_tile = probs_flat[:, :, start:stop]
+        if upcast_tile is not None:
+            probs_tile = upcast_tile[:, :, :size].copy_(probs_tile)
+        _class_pass(probs_tile, max_prob[:, :size], argmax[:, :size], is_new_max[:, :size])
+        confidence[:, start:stop].copy_(max_prob[:, :size])
+        labels[:, start:stop].copy_(argmax[:, :size])
         # The max misses a -inf in another class; the class sum is non-finite if any class is.
-        finite[:, start:stop] = torch.isfinite(torch.sum(xt, dim=1, out=class_sum[:, :size]))
+        finite[:, start:stop] = torch.isfinite(torch.sum(probs_tile, dim=1, out=class_sum[:, :size]))
     shape = (n, height, width)
     return confidence.view(shape), labels.view(shape), finite.view(shape)
 

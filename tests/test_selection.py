@@ -1,4 +1,4 @@
-"""Selectors (CSL_SPEC sections 1-3) against an independent per-image float64 reference written from the spec.
+"""Selectors (docs/method.md, Selection) against an independent per-image float64 reference written from the spec.
 
 Tolerances. Weights are float32, so float64 input is held to 1e-6 and exact cluster sizes. With float32 input the
 per-pixel features carry ~1e-7 relative rounding, and the method has two discontinuities that such rounding can cross:
@@ -33,7 +33,7 @@ def reference(
     residual_rule: str = "csl",
     residual_variance: str = "released",
 ) -> dict[str, np.ndarray]:
-    """CSL_SPEC sections 1-3 literally, one image at a time, in float64 with a full SVD per image."""
+    """docs/method.md, Selection, literally, one image at a time, in float64 with a full SVD per image."""
     n, c, h, w = probs.shape
     weights = np.zeros((n, h * w))
     z_near_zero = np.zeros((n, h * w), dtype=bool)
