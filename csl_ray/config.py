@@ -90,6 +90,9 @@ class SelectorConfig:
     """released (keeps the zeroed arg-max term) | population."""
     threshold: float = 0.95
     """Confidence threshold of the `threshold` baseline."""
+    weight_floor: float = 0.0
+    """Beyond the released code: a weight below this counts as 0 (CSL's soft weights; the 0/1 baselines are
+    unchanged); 0 = off, 1 = CSL keeps only its reliable pixels."""
 
 
 @dataclass
@@ -127,6 +130,12 @@ class SSLConfig:
     """Weight of the TMP-masked-view loss L_m."""
     weight_fp: float = 0.5
     """Weight of the feature-perturbation loss L_fp."""
+    warmup_iterations: int = 0
+    """Beyond the released code: the first N iterations train on the labelled loss alone, L = L_x / 2 (no teacher
+    or unlabelled passes; the unlabelled batches are still drawn); 0 = off."""
+    rampup_iterations: int = 0
+    """Beyond the released code: the unlabelled loss weights ramp up as exp(-5 (1 - t)^2) (Mean Teacher), t going
+    0 -> 1 over N iterations from the end of the warm-up; 0 = off (full weight at once)."""
 
 
 @dataclass
@@ -367,6 +376,7 @@ def validate(cfg: Config) -> Config:
         "ssl.selector.threshold": cfg.ssl.selector.threshold,
         "model.fp_dropout": cfg.model.fp_dropout,
         "ssl.teacher.momentum": cfg.ssl.teacher.momentum,
+        "ssl.selector.weight_floor": cfg.ssl.selector.weight_floor,
     }
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
@@ -388,6 +398,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: {value} must be > 0")
     if cfg.data.num_classes < 2:
         raise ConfigError(f"data.num_classes: {cfg.data.num_classes} must be >= 2")
+    for key, count in (
+        ("ssl.warmup_iterations", cfg.ssl.warmup_iterations),
+        ("ssl.rampup_iterations", cfg.ssl.rampup_iterations),
+    ):
+        if count < 0:
+            raise ConfigError(f"{key}: {count} must be >= 0")
     if cfg.ssl.selector.ridge < 0:
         raise ConfigError(f"ssl.selector.ridge: {cfg.ssl.selector.ridge} must be >= 0")
     if not 0.0 < cfg.data.labeled_fraction <= 1.0:

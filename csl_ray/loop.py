@@ -31,7 +31,16 @@ from csl_ray.losses import build_labeled_loss
 from csl_ray.model import build_model
 from csl_ray.optim import build_optimizer, set_lr
 from csl_ray.selection import build_selector
-from csl_ray.step import Batch, LossWeights, Timer, semi_supervised_step, supervised_step, untimed
+from csl_ray.step import (
+    Batch,
+    LossWeights,
+    Timer,
+    in_warmup,
+    semi_supervised_step,
+    supervised_step,
+    unlabeled_scale,
+    untimed,
+)
 from csl_ray.teacher import build_teacher
 
 
@@ -154,18 +163,25 @@ class TrainLoop:
         Args:
             labeled: labelled batch of B rows.
             unlabeled_2b: 2B unlabelled rows: the first B are the main crops, the last B their CutMix partners.
-                Unused (may be None) when `ssl.enabled` is false.
+                Unused (may be None) when `ssl.enabled` is false; unused during the warm-up
+                (`ssl.warmup_iterations`), where the callers still draw it so that the data streams stay at the
+                iteration count they were planned (and are re-planned on resume) from.
             timer: phase timer for benchmarks.
 
         Returns:
-            The step's metrics as floats (pseudo-label accuracies only when defined), plus `lr` (backbone group),
-            `step` and `skipped` (1.0 when the update was skipped for a non-finite loss).
+            The step's metrics as floats (pseudo-label accuracies only when defined; the unlabelled ones not during
+            the warm-up), plus `lr` (backbone group), `step`, `skipped` (1.0 when the update was skipped for a
+            non-finite loss) and, with `ssl.enabled`, `unlabeled_scale` (the warm-up / ramp-up factor).
         """
         cfg = self.cfg
         set_lr(self.optimizer, self.step, cfg.train.iterations, cfg.optim.poly_power)
         torch._foreach_copy_(self._buffer_backup, self._buffers)
+        # Every rank takes the same branch at the same step (all decide from `self.step`), so DDP's collectives
+        # (buffer broadcasts per forward, gradient all-reduce) stay matched during the warm-up.
+        warmup = cfg.ssl.enabled and in_warmup(self.step, cfg.ssl.warmup_iterations)
+        scale = unlabeled_scale(self.step, cfg.ssl.warmup_iterations, cfg.ssl.rampup_iterations)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if cfg.ssl.enabled:
+            if cfg.ssl.enabled and not warmup:
                 if unlabeled_2b is None:
                     raise ValueError("ssl.enabled is true but no unlabelled batch was given")
                 unlabeled, unlabeled_mix = split_unlabeled(unlabeled_2b)
@@ -177,13 +193,17 @@ class TrainLoop:
                     labeled,
                     unlabeled,
                     unlabeled_mix,
-                    weights=self.loss_weights,
+                    weights=self.loss_weights.scaled(scale),
+                    weight_floor=cfg.ssl.selector.weight_floor,
                     tmp_enabled=cfg.ssl.tmp.enabled,
                     ignore_index=cfg.data.ignore_index,
                     timer=timer,
                 )
             else:
-                out = supervised_step(self.model, self.labeled_loss, labeled, timer=timer)
+                # The warm-up is the semi-supervised loss without its unlabelled terms, L_x / 2 (see supervised_step).
+                out = supervised_step(
+                    self.model, self.labeled_loss, labeled, labeled_weight=0.5 if warmup else 1.0, timer=timer
+                )
         self.optimizer.zero_grad(set_to_none=True)
         finite = self._all_finite(out.loss)
         if finite:
@@ -204,6 +224,8 @@ class TrainLoop:
             k: v for k, v in zip(names, values, strict=True) if not (k.startswith("pseudo_acc") and math.isnan(v))
         }
         metrics.update(lr=self.optimizer.param_groups[0]["lr"], step=float(self.step), skipped=float(not finite))
+        if cfg.ssl.enabled:
+            metrics["unlabeled_scale"] = scale
         return metrics
 
     def validate(self, val_batches: Iterable[Batch]) -> dict:

@@ -12,10 +12,15 @@ Teacher paths (`teacher.kind`):
 
 With `tmp_enabled=False` the masked branch is skipped (no forward pass, loss_u_m = 0, its weight dropped, so
 L = (L_x + w_s L_s + w_fp L_fp) / 2). An unmasked third view is `ssl.tmp.mask_ratio=0` instead.
+
+Options beyond the released code (all off by default), for every selector alike: the loop runs `supervised_step`
+during a warm-up (`in_warmup`), scales the unlabelled weights by a sigmoid ramp-up (`unlabeled_scale`), and the step
+zeroes soft weights below a floor (`floor_weights`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -37,11 +42,49 @@ Timer = Callable[[str], AbstractContextManager[None]]
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the unlabelled losses in L = (L_x + strong L_s + masked L_m + fp L_fp) / 2."""
+    """Weights of the unlabelled losses in L = (L_x + strong L_s + masked L_m + fp L_fp) / 2 (`ssl.weight_*`)."""
 
-    strong: float = 0.25
-    masked: float = 0.25
-    fp: float = 0.5
+    strong: float
+    masked: float
+    fp: float
+
+    def scaled(self, factor: float) -> LossWeights:
+        """Every weight times `factor` (the ramp-up)."""
+        return LossWeights(self.strong * factor, self.masked * factor, self.fp * factor)
+
+
+def sigmoid_rampup(progress: float) -> float:
+    """Mean Teacher's ramp-up `exp(-5 (1 - t)^2)` at `t = progress` clamped to [0, 1] (exp(-5) = 0.0067 -> 1)."""
+    t = min(max(progress, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def in_warmup(step: int, warmup_iterations: int) -> bool:
+    """Whether iteration `step` (0-based) trains on the labelled loss alone (`ssl.warmup_iterations`)."""
+    return step < warmup_iterations
+
+
+def unlabeled_scale(step: int, warmup_iterations: int, rampup_iterations: int) -> float:
+    """Factor on the unlabelled loss weights at iteration `step` (0-based).
+
+    0 during the warm-up; then `sigmoid_rampup` over `rampup_iterations` iterations counted from the warm-up's end
+    (so the two compose: warm-up, then ramp-up); 1 afterwards, and always 1 with both at 0 (the released recipe).
+    """
+    if in_warmup(step, warmup_iterations):
+        return 0.0
+    if rampup_iterations <= 0:
+        return 1.0
+    return sigmoid_rampup((step - warmup_iterations) / rampup_iterations)
+
+
+def floor_weights(weights: torch.Tensor, floor: float) -> torch.Tensor:
+    """Soft weights [N, H, W] with every weight below `floor` set to 0 (`ssl.selector.weight_floor`; 0 = none).
+
+    Only CSL's soft weights lie strictly between 0 and 1, so the hard 0/1 baselines are unchanged by a floor <= 1.
+    """
+    if floor <= 0:
+        return weights
+    return weights.masked_fill(weights < floor, 0.0)
 
 
 @dataclass
@@ -111,8 +154,9 @@ def semi_supervised_step(
     unlabeled_mix: Batch,
     *,
     weights: LossWeights,
+    weight_floor: float,
     tmp_enabled: bool,
-    ignore_index: int = 255,
+    ignore_index: int,
     timer: Timer = untimed,
 ) -> StepOutput:
     """Loss and metrics of one CSL iteration (CSL_SPEC section 5).
@@ -126,7 +170,8 @@ def semi_supervised_step(
         unlabeled: the B main crops: `image_weak`, `image_strong`, `image_masked` uint8 [B, 3, S, S], `tmp_cells`,
             `cutmix_box`, `valid` bool [B, S, S], optional `mask` int64 [B, S, S] (diagnostics only).
         unlabeled_mix: the B CutMix partners (`image_weak`, `image_strong`, `valid` are used).
-        weights: unlabelled loss weights.
+        weights: unlabelled loss weights (already scaled by the ramp-up).
+        weight_floor: soft weights below it count as 0 (`floor_weights`), for the main crops and the partners.
         tmp_enabled: run the masked branch (see the module docstring for the disabled case).
         ignore_index: label value of unknown ground truth in `unlabeled["mask"]`.
         timer: phase timer for benchmarks.
@@ -171,7 +216,7 @@ def semi_supervised_step(
     with timer("selector"), torch.autocast(device.type, enabled=False):
         selection = selector(probs, torch.cat((valid, valid_mix)))
     labels, labels_mix = selection.labels.split(n_u)
-    weight, weight_mix = selection.weights.split(n_u)
+    weight, weight_mix = floor_weights(selection.weights, weight_floor).split(n_u)
     reliable = selection.reliable[:n_u]
 
     with timer("masking"):
@@ -230,14 +275,19 @@ def supervised_step(
     labeled_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     labeled: Batch,
     *,
+    labeled_weight: float,
     timer: Timer = untimed,
 ) -> StepOutput:
-    """The supervised-only baseline: the labelled loss alone (metrics loss and loss_x, which are equal).
+    """The labelled loss alone: loss = labeled_weight * L_x (metrics loss and loss_x).
+
+    One forward pass on the labelled batch: no teacher pass, no unlabelled views.
 
     Args:
         student: the model being trained.
         labeled_loss: `(logits, target) -> scalar`.
         labeled: `image` uint8 [B, 3, S, S], `mask` int64 [B, S, S].
+        labeled_weight: 1 for the supervised-only baseline; 1/2 for the warm-up of a semi-supervised run, the
+            weight L_x has in its loss, so the labelled gradient keeps its scale when the unlabelled terms start.
         timer: phase timer for benchmarks.
     """
     device = _device(student)
@@ -247,5 +297,6 @@ def supervised_step(
     with timer("student_forward"):
         logits = student(x_l)
     with timer("loss"):
-        loss = labeled_loss(logits, y_l)
-    return StepOutput(loss, {"loss": loss.detach(), "loss_x": loss.detach()})
+        loss_x = labeled_loss(logits, y_l)
+        loss = labeled_weight * loss_x
+    return StepOutput(loss, {"loss": loss.detach(), "loss_x": loss_x.detach()})

@@ -8,6 +8,7 @@ from torch import nn
 from csl_ray.config import load_config
 from csl_ray.loop import TrainLoop, run_local, set_rng_state, split_unlabeled
 from csl_ray.optim import poly_lr
+from csl_ray.step import unlabeled_scale
 
 
 def tiny_cfg(*overrides):
@@ -119,3 +120,60 @@ def test_split_unlabeled_needs_an_even_row_count():
     assert len(main["image_weak"]) == len(mix["valid"]) == 2
     with pytest.raises(ValueError, match="2B rows"):
         split_unlabeled({k: v[:3] for k, v in unlabeled.items()})
+
+
+def count_forwards(module):
+    calls = []
+    module.register_forward_hook(lambda m, inputs, output: calls.append(len(inputs[0])))
+    return calls
+
+
+def test_warm_up_steps_run_the_labelled_pass_alone_then_the_ramp_up_starts():
+    cfg = tiny_cfg("ssl.warmup_iterations=2", "ssl.rampup_iterations=2")
+    loop = TrainLoop(cfg, "cpu")
+    forwards = count_forwards(loop.student)
+    labeled, unlabeled = synthetic_batch()
+    for _ in range(2):
+        metrics = loop.train_step(labeled, unlabeled)
+        assert forwards == [len(labeled["image"])]  # one pass over the labelled rows: no teacher, no unlabelled views
+        assert set(metrics) == {"loss", "loss_x", "lr", "step", "skipped", "unlabeled_scale"}
+        assert metrics["unlabeled_scale"] == 0.0 and metrics["loss"] == pytest.approx(metrics["loss_x"] / 2)
+        forwards.clear()
+    scales = [loop.train_step(labeled, unlabeled)["unlabeled_scale"] for _ in range(3)]
+    assert scales == pytest.approx([unlabeled_scale(step, 2, 2) for step in range(2, 5)])
+    assert 0 < scales[0] < scales[1] < scales[2] == 1.0
+    assert len(forwards) == 3 * 3  # the partner's teacher pass, [x_l; x_w], then [x_s; x_m]
+
+
+def test_the_warm_up_needs_no_unlabelled_batch():
+    loop = TrainLoop(tiny_cfg("ssl.warmup_iterations=1"), "cpu")
+    labeled, _ = synthetic_batch()
+    assert loop.train_step(labeled)["unlabeled_scale"] == 0.0
+    with pytest.raises(ValueError, match="no unlabelled batch"):
+        loop.train_step(labeled)
+
+
+def _ddp_rank(rank, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        loop = TrainLoop(tiny_cfg("ssl.warmup_iterations=1", "ray.num_workers=2"), "cpu", rank=rank, world_size=2)
+        loop.wrap_ddp()
+        for step in range(2):
+            labeled, unlabeled = synthetic_batch(seed=10 * step + rank)  # each rank its own data
+            loop.train_step(labeled, unlabeled)
+        results[rank] = [p.detach().clone() for p in loop.student.parameters()]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stay_in_step_through_the_warm_up(tmp_path):
+    import torch.multiprocessing as mp
+
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    for a, b in zip(results[0], results[1], strict=True):  # gradients were all-reduced at every step
+        assert torch.equal(a, b)

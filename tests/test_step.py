@@ -10,13 +10,23 @@ from csl_ray.config import load_config
 from csl_ray.masking import cutmix_box, tmp_cells
 from csl_ray.model import DeepLabV3Plus
 from csl_ray.selection import Selection, build_selector, none_select, threshold_select
-from csl_ray.step import LossWeights, semi_supervised_step, supervised_step
+from csl_ray.step import (
+    LossWeights,
+    floor_weights,
+    in_warmup,
+    semi_supervised_step,
+    sigmoid_rampup,
+    supervised_step,
+    unlabeled_scale,
+)
 from csl_ray.teacher import EmaTeacher, SelfTeacher
 
 C, S, B = 3, 32, 2
 COLOURS = torch.tensor([[40, 40, 40], [220, 40, 40], [40, 200, 60]], dtype=torch.uint8)  # one colour per class
 UNLABELED_METRICS = {"loss", "loss_x", "loss_u_s", "loss_u_m", "loss_u_fp", "selected_ratio", "mean_weight"}
 GT_METRICS = {"pseudo_acc", "pseudo_acc_selected", "pseudo_acc_rejected"}
+RELEASED = load_config().ssl
+WEIGHTS = LossWeights(RELEASED.weight_strong, RELEASED.weight_masked, RELEASED.weight_fp)
 
 
 def blobs(n, generator, size=S):
@@ -111,7 +121,9 @@ class RecordingSelector:
         return self.out
 
 
-def run_step(student, teacher=None, selector=none_select, tmp_enabled=True, unlabeled=None, labeled=None):
+def run_step(
+    student, teacher=None, selector=none_select, tmp_enabled=True, unlabeled=None, labeled=None, weight_floor=0.0
+):
     default_labeled, default_unlabeled = synthetic_batch()
     main, mix = halves(unlabeled if unlabeled is not None else default_unlabeled)
     return semi_supervised_step(
@@ -122,8 +134,10 @@ def run_step(student, teacher=None, selector=none_select, tmp_enabled=True, unla
         labeled if labeled is not None else default_labeled,
         main,
         mix,
-        weights=LossWeights(),
+        weights=WEIGHTS,
+        weight_floor=weight_floor,
         tmp_enabled=tmp_enabled,
+        ignore_index=255,
     )
 
 
@@ -250,8 +264,62 @@ def test_tmp_disabled_skips_the_masked_branch():
 def test_supervised_step():
     student = tiny_model().train()
     labeled, _ = synthetic_batch()
-    out = supervised_step(student, nn.CrossEntropyLoss(ignore_index=255), labeled)
+    out = supervised_step(student, nn.CrossEntropyLoss(ignore_index=255), labeled, labeled_weight=1.0)
     assert set(out.metrics) == {"loss", "loss_x"} and torch.isfinite(out.loss) and out.loss.requires_grad
+    halved = supervised_step(student, nn.CrossEntropyLoss(ignore_index=255), labeled, labeled_weight=0.5)
+    assert torch.allclose(halved.loss, out.metrics["loss_x"] / 2) and torch.allclose(halved.metrics["loss_x"], out.loss)
+
+
+def test_sigmoid_rampup_is_mean_teachers_curve():
+    assert sigmoid_rampup(0.0) == pytest.approx(math.exp(-5)) and sigmoid_rampup(1.0) == 1.0
+    assert sigmoid_rampup(-3.0) == sigmoid_rampup(0.0) and sigmoid_rampup(7.0) == 1.0
+    assert sigmoid_rampup(0.5) == pytest.approx(math.exp(-1.25))
+    curve = [sigmoid_rampup(t / 10) for t in range(11)]
+    assert curve == sorted(curve) and len(set(curve)) == 11
+
+
+def test_unlabeled_scale_is_off_then_ramps_from_the_end_of_the_warm_up():
+    assert [unlabeled_scale(step, 0, 0) for step in range(3)] == [1.0, 1.0, 1.0]  # the released recipe
+    assert [unlabeled_scale(step, 3, 0) for step in range(5)] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert [in_warmup(step, 3) for step in range(5)] == [True, True, True, False, False]
+    ramp = [unlabeled_scale(step, 2, 4) for step in range(8)]
+    assert ramp[:2] == [0.0, 0.0]
+    assert ramp[2:] == pytest.approx([sigmoid_rampup(t / 4) for t in range(6)])
+    assert ramp[6:] == [1.0, 1.0]
+
+
+def test_floor_weights_zeroes_only_weights_below_the_floor():
+    weights = torch.tensor([[[0.0, 0.2, 0.5, 0.7, 1.0]]])
+    assert torch.equal(floor_weights(weights, 0.5), torch.tensor([[[0.0, 0.0, 0.5, 0.7, 1.0]]]))
+    assert floor_weights(weights, 0.0) is weights
+    hard = threshold_select(
+        torch.tensor([[[[0.9]], [[0.1]]]]).expand(1, 2, 2, 2).contiguous(), torch.ones(1, 2, 2).bool(), threshold=0.5
+    )
+    assert torch.equal(floor_weights(hard.weights, 1.0), hard.weights)  # 0/1 weights pass any floor <= 1
+
+
+def test_the_step_floors_the_selector_weights_of_crops_and_partners():
+    labeled, unlabeled = synthetic_batch(cutmix_prob=1.0)
+    soft = torch.linspace(0.05, 0.95, S * S).reshape(S, S)
+
+    def graded(probs, valid):
+        base = none_select(probs, valid)
+        weights = base.weights * soft
+        return Selection(weights=weights, labels=base.labels, reliable=weights == 1, confidence=base.confidence)
+
+    def floored(probs, valid):
+        base = graded(probs, valid)
+        weights = torch.where(base.weights < 0.5, 0.0, base.weights)
+        return Selection(weights=weights, labels=base.labels, reliable=base.reliable, confidence=base.confidence)
+
+    outputs = []
+    for selector, floor in ((graded, 0.5), (floored, 0.0), (graded, 0.0)):
+        torch.manual_seed(0)  # the same feature-perturbation dropout in each run
+        outputs.append(run_step(Spy(), selector=selector, unlabeled=unlabeled, labeled=labeled, weight_floor=floor))
+    with_floor, by_hand, without = outputs
+    for key in ("loss", "loss_u_s", "loss_u_m", "loss_u_fp", "mean_weight"):
+        assert torch.equal(with_floor.metrics[key], by_hand.metrics[key]), key
+    assert with_floor.metrics["mean_weight"] < without.metrics["mean_weight"]
 
 
 def test_nan_logits_give_a_nan_loss_not_an_error():
@@ -277,8 +345,10 @@ def test_a_few_dozen_steps_lower_the_loss():
             labeled,
             main,
             mix,
-            weights=LossWeights(),
+            weights=WEIGHTS,
+            weight_floor=0.0,
             tmp_enabled=True,
+            ignore_index=255,
         )
         optimizer.zero_grad()
         out.loss.backward()
