@@ -11,6 +11,7 @@ and MobileNets work without literals. The head follows UniMatch's `model/semseg/
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import timm
@@ -23,6 +24,68 @@ from csl_ray.config import Config
 ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 LOW_LEVEL_CHANNELS = 48
 LOW_LEVEL_REDUCTION = 4
+
+
+class WeightsLayoutError(ValueError):
+    """A backbone weights file whose keys or shapes are not those of the configured timm backbone."""
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def backbone_weights(
+    state_dict: Mapping[str, torch.Tensor], backbone: nn.Module, name: str, source: str
+) -> dict[str, torch.Tensor]:
+    """The entries of a full-model state dict that a `features_only` backbone holds, checked strictly.
+
+    The file may hold timm's full model `name` with or without its classifier (`fc.*` for ResNets), which the
+    features-only backbone does not have. The UniMatch / CSL released ResNet-101 file is in timm's `resnet101s`
+    layout (deep stem `conv1.0/1/3/4/6`, `bn1`, `layerN.M...`, `downsample.0/1`) under the same names, usually
+    without `fc`, so it needs no renaming. BatchNorm `num_batches_tracked` counters may be absent (files saved
+    before PyTorch 0.4.1): the backbone keeps its own.
+
+    Args:
+        state_dict: parameter and buffer tensors by name (a `module.` prefix already stripped).
+        backbone: the timm `features_only` model the weights are for.
+        name: its timm model name (the full model's keys bound what the file may hold).
+        source: the file (or other source) named in errors.
+
+    Returns:
+        Exactly the backbone's state-dict keys, ready for `backbone.load_state_dict(..., strict=True)`.
+
+    Raises:
+        WeightsLayoutError listing the missing and unexpected keys, or the shape mismatches.
+    """
+    wanted = backbone.state_dict()
+    with torch.device("meta"):
+        full_keys = set(timm.create_model(name, pretrained=False).state_dict())
+    missing = sorted(k for k in wanted if k not in state_dict and not k.endswith(".num_batches_tracked"))
+    unexpected = sorted(k for k in state_dict if k not in full_keys)
+    if missing or unexpected:
+        raise WeightsLayoutError(
+            f"{source}: not a state dict of timm {name!r}"
+            + (f"; missing {len(missing)} keys: {_preview(missing)}" if missing else "")
+            + (f"; unexpected {len(unexpected)} keys: {_preview(unexpected)}" if unexpected else "")
+            + " (the UniMatch / CSL deep-stem ResNet-101 file fits model.backbone=resnet101s)"
+        )
+    weights = {k: state_dict.get(k, value) for k, value in wanted.items()}
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)}" for k, v in wanted.items() if weights[k].shape != v.shape
+    ]
+    if wrong:
+        raise WeightsLayoutError(f"{source}: shapes differ from timm {name!r}: {_preview(wrong)}")
+    return weights
+
+
+def load_backbone_file(backbone: nn.Module, name: str, path: str | Path) -> None:
+    """Loads local backbone weights (.pth / .bin / .safetensors, possibly wrapped in `state_dict` / `model` and
+    prefixed by `module.`; read by timm) into a `features_only` backbone through `backbone_weights`, strictly."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    state_dict = timm.models.load_state_dict(str(path), weights_only=True)
+    backbone.load_state_dict(backbone_weights(state_dict, backbone, name, str(path)), strict=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -109,8 +172,9 @@ class DeepLabV3Plus(nn.Module):
         num_classes: output channels of the classifier.
         output_stride: 8 (ASPP rates 12/24/36) or 16 (6/12/18).
         pretrained: load ImageNet weights through timm's hub (needs network access).
-        weights_file: local backbone weights (a state dict of the full timm model, .pth/.bin/.safetensors); loads
-            them without any download and takes precedence over `pretrained`.
+        weights_file: local backbone weights (a state dict of the full timm model with or without its classifier,
+            or the UniMatch / CSL release layout of `resnet101s`; see `backbone_weights`); loads them without any
+            download and takes precedence over `pretrained`.
         fp_dropout: Dropout2d probability of the feature-perturbation branch (`need_fp=True`).
         decoder_channels: width of the ASPP output and the two fuse convs (256 in the paper; the decoder runs at
             stride 4, so it dominates the cost of small backbones and the CPU-sized preset narrows it).
@@ -130,15 +194,15 @@ class DeepLabV3Plus(nn.Module):
         if output_stride not in ASPP_RATES:
             raise ValueError(f"output_stride must be one of {sorted(ASPP_RATES)}, got {output_stride}")
         low, last = _feature_indices(backbone, output_stride)
-        kwargs: dict = {"pretrained": pretrained}
-        if weights_file is not None:
-            path = Path(weights_file).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"backbone weights file not found: {path}")
-            kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
         self.backbone = timm.create_model(
-            backbone, features_only=True, out_indices=(low, last), output_stride=output_stride, **kwargs
+            backbone,
+            features_only=True,
+            out_indices=(low, last),
+            output_stride=output_stride,
+            pretrained=pretrained and weights_file is None,
         )
+        if weights_file is not None:
+            load_backbone_file(self.backbone, backbone, weights_file)
         low_channels, high_channels = self.backbone.feature_info.channels()
         self.fp_dropout = fp_dropout
         self.head = ASPP(high_channels, ASPP_RATES[output_stride], decoder_channels)

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from csl_ray.config import load_config
-from csl_ray.model import ASPP_RATES, DeepLabV3Plus, build_model, unwrap
+from csl_ray.model import ASPP_RATES, DeepLabV3Plus, WeightsLayoutError, backbone_weights, build_model, unwrap
 
 NUM_CLASSES = 3
 
@@ -124,3 +124,53 @@ def test_build_model_reads_config():
 def test_unwrap(resnet18):
     assert unwrap(torch.nn.DataParallel(resnet18)) is resnet18
     assert unwrap(resnet18) is resnet18
+
+
+def test_resnet101s_is_the_released_deep_stem_backbone():
+    with torch.device("meta"):
+        backbone = timm.create_model("resnet101s", features_only=True, output_stride=8)
+    assert backbone.feature_info.channels() == [128, 256, 512, 1024, 2048]
+    assert backbone.feature_info.reduction() == [2, 4, 8, 8, 8]
+    assert [backbone.conv1[i].out_channels for i in (0, 3, 6)] == [64, 64, 128]
+
+
+def test_released_layout_file_loads_strictly_into_the_deep_stem_model(tmp_path):
+    torch.manual_seed(5)
+    reference = timm.create_model("resnet101s").state_dict()
+    # The released file's layout: no classifier, and (files older than PyTorch 0.4.1) no BatchNorm batch counters.
+    released = {k: v for k, v in reference.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    assert {"conv1.0.weight", "conv1.1.running_var", "conv1.6.weight", "bn1.weight"} <= set(released)
+    path = tmp_path / "resnet101.pth"
+    torch.save(released, path)
+    model = DeepLabV3Plus("resnet101s", NUM_CLASSES, output_stride=8, weights_file=path)
+    loaded = model.backbone.state_dict()
+    assert set(released) <= set(loaded)
+    for key, value in released.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_a_file_of_another_layout_lists_missing_and_unexpected_keys():
+    with torch.device("meta"):
+        torchvision_layout = timm.create_model("resnet101").state_dict()  # one 7x7 conv1
+        backbone = timm.create_model("resnet101s", features_only=True, output_stride=8)
+    with pytest.raises(WeightsLayoutError) as err:
+        backbone_weights(torchvision_layout, backbone, "resnet101s", "w.pth")
+    message = str(err.value)
+    assert message.startswith("w.pth: not a state dict of timm 'resnet101s'")
+    assert "missing" in message and "conv1.0.weight" in message
+    assert "unexpected 1 keys: conv1.weight" in message
+
+
+def test_a_file_with_other_shapes_or_keys_is_refused_with_its_path(tmp_path):
+    torch.manual_seed(0)
+    state = timm.create_model("resnet18").state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsLayoutError, match=r"odd.pth: shapes differ .*conv1.weight \(64, 3, 3, 3\)"):
+        DeepLabV3Plus("resnet18", NUM_CLASSES, output_stride=16, weights_file=path)
+    state["conv1.weight"] = torch.zeros(64, 3, 7, 7)
+    state["head.extra"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(WeightsLayoutError, match="odd.pth: .*unexpected 1 keys: head.extra"):
+        DeepLabV3Plus("resnet18", NUM_CLASSES, output_stride=16, weights_file=path)
