@@ -1,8 +1,10 @@
 """Typed configuration: one source of defaults, presets, YAML files and `section.key=value` overrides.
 
 Resolution order (later wins): dataclass defaults <- preset <- YAML file <- command-line overrides.
-A YAML file may name its base preset with a top-level `preset:` key. The dataclass defaults are the
-Pascal VOC recipe of CSL_SPEC section 6; the `pascal` preset restates it so that experiment files can name it.
+A YAML file may name its base preset with a top-level `preset:` key. The dataclass defaults are the released
+Pascal VOC recipe (docs/method.md); the `pascal` preset restates it so that experiment files can name it. A run
+given `train.epochs` instead of `train.iterations` gets its iteration count from the dataset when it starts
+(`resolve_iterations`).
 
     cfg = load_config(preset="tiny", path="exp.yaml", overrides=["ssl.tmp.mask_ratio=0.5"])
     dump_config(cfg, "run/config.yaml")
@@ -10,13 +12,14 @@ Pascal VOC recipe of CSL_SPEC section 6; the `pascal` preset restates it so that
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,14 +30,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet101"
-    """Any timm CNN with `features_only=True` (resnet18/50/101, efficientnet_b0, mobilenetv3_large_100, ...)."""
-    output_stride: int = 8
+    backbone: str = "resnet101s"
+    """Any timm CNN with `features_only=True` (resnet18/50/101, efficientnet_b0, mobilenetv3_large_100, ...);
+    resnet101s is the released code's deep-stem ResNet-101 (three 3x3 stem convs)."""
+    output_stride: Literal[8, 16] = 8
     """8 (ASPP rates 12/24/36) or 16 (6/12/18)."""
     pretrained: bool = False
     """Load ImageNet weights through timm's hub; needs network access (never the default)."""
     weights_file: str | None = None
-    """Local backbone weights file (timm `pretrained_cfg_overlay=dict(file=...)`); works offline."""
+    """Local backbone weights file, loaded strictly: the full timm model's state dict (classifier optional) or the
+    UniMatch / CSL released ResNet-101 file (pretrained/resnet101.pth, the resnet101s layout); works offline."""
     fp_dropout: float = 0.5
     """Dropout2d probability of the feature-perturbation branch."""
     decoder_channels: int = 256
@@ -63,7 +68,7 @@ class DataConfig:
     """Seed of the labelled subset draw."""
     scale_range: tuple[float, float] = (0.5, 2.0)
     """Random resize range of the weak view."""
-    eval_mode: str = "full"
+    eval_mode: Literal["full", "center_crop", "sliding_window"] = "full"
     """full | center_crop | sliding_window (window = crop_size, stride 2/3 of it)."""
     decode_workers: int = 0
     """0 = Ray Data tasks read, decode and augment (worker processes are reused across epochs and evaluations);
@@ -76,7 +81,7 @@ class DataConfig:
 
 @dataclass
 class SelectorConfig:
-    kind: str = "csl"
+    kind: Literal["csl", "threshold", "none"] = "csl"
     """csl | threshold (FixMatch/UniMatch) | none (every valid pixel)."""
     alpha: float = 8.0
     """Width of the soft weights of pixels outside the reliable region."""
@@ -84,9 +89,9 @@ class SelectorConfig:
     """Weight of the residual feature when ranking the two clusters."""
     ridge: float = 0.0
     """Regularisation of the 2x2 spectral problem; 0 = the paper."""
-    residual_rule: str = "csl"
+    residual_rule: Literal["csl", "covar"] = "csl"
     """csl (released code) | covar (low residual variance is reliable)."""
-    residual_variance: str = "released"
+    residual_variance: Literal["released", "population"] = "released"
     """released (keeps the zeroed arg-max term) | population."""
     threshold: float = 0.95
     """Confidence threshold of the `threshold` baseline."""
@@ -109,10 +114,13 @@ class TMPConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "self"
+    kind: Literal["self", "ema"] = "self"
     """self (the student's own detached prediction, as released) | ema."""
     momentum: float = 0.999
     """EMA momentum (ema teacher only)."""
+    partner_pass: Literal["train", "eval"] = "train"
+    """Self teacher's pass over the CutMix partners: train (released: BatchNorm on the batch's statistics, running
+    statistics left as they were) | eval (UniMatch: on the running statistics). The ema teacher is always eval."""
 
 
 @dataclass
@@ -130,6 +138,9 @@ class SSLConfig:
     """Weight of the TMP-masked-view loss L_m."""
     weight_fp: float = 0.5
     """Weight of the feature-perturbation loss L_fp."""
+    bn_stats: Literal["released", "all"] = "released"
+    """BatchNorm running statistics: released (only the [labelled; weak] pass updates them; the strong + masked
+    pass is kept out) | all (both student passes update them)."""
     warmup_iterations: int = 0
     """Beyond the released code: the first N iterations train on the labelled loss alone, L = L_x / 2 (no teacher
     or unlabelled passes; the unlabelled batches are still drawn); 0 = off."""
@@ -150,7 +161,7 @@ class OptimConfig:
     """SGD weight decay."""
     poly_power: float = 0.9
     """Poly schedule lr * (1 - it / iterations) ** power, per iteration."""
-    labeled_loss: str = "ce"
+    labeled_loss: Literal["ce", "ohem"] = "ce"
     """ce | ohem."""
     ohem_thresh: float = 0.7
     """OHEM keeps pixels whose true-class probability is below this ..."""
@@ -160,15 +171,19 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 80_000
-    """Total optimiser steps; the schedule is per iteration, so worker count does not change the recipe."""
+    iterations: int | None = None
+    """Total optimiser steps; wins over train.epochs when both are given. The schedule is per iteration, so the
+    worker count does not change the recipe."""
+    epochs: int | None = 80
+    """Used when train.iterations is unset: iterations = epochs x floor(unlabelled rows / data.global_batch_size),
+    as released (resolved from the dataset manifest when the run starts)."""
     eval_every: int = 2_000
     """Iterations between validations (each also writes a checkpoint)."""
     checkpoint_every: int = 1_000
     """Iterations between checkpoints; a killed worker loses at most this much work."""
     seed: int = 0
     """Seeds model init, augmentation and shuffling."""
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 (autocast on CUDA; CPU runs in fp32) | fp32."""
     output_dir: str = "runs"
     """Local run directories (config.yaml, metrics.jsonl, results.json, plots)."""
@@ -206,7 +221,7 @@ class LoggingConfig:
     """W&B entity (team); None = the key owner default."""
     group: str | None = None
     """W&B group (sweeps put every trial of an experiment in one group)."""
-    mode: str = "auto"
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto (online if WANDB_API_KEY is set, else offline) | online | offline | disabled."""
     log_every: int = 20
     """Iterations between logged scalars and driver status lines."""
@@ -225,27 +240,27 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# Presets hold only what differs from the defaults (CSL_SPEC section 6). Iteration counts are the paper's epochs
-# times iterations per epoch at global batch 8 (Pascal blended 1/4: 7.9k unlabelled; Cityscapes 1/16: 2.8k;
-# COCO 1/512: 118k), rounded.
+# Presets hold only what differs from the defaults (docs/method.md, "Model and optimisation"): the released
+# recipes on the deep-stem ResNet-101, with the released schedule of epochs over the unlabelled split at batch 8.
 PRESETS: dict[str, dict[str, Any]] = {
     "pascal": {
-        "model": {"backbone": "resnet101", "output_stride": 8},
+        "model": {"backbone": "resnet101s", "output_stride": 8},
         "data": {"num_classes": 21, "crop_size": 321, "global_batch_size": 8, "eval_mode": "full"},
         "optim": {"lr": 1e-3, "lr_multi": 10.0, "labeled_loss": "ce"},
-        "train": {"iterations": 80_000},
+        "train": {"epochs": 80},
     },
     "cityscapes": {
-        "model": {"backbone": "resnet101", "output_stride": 8},
+        "model": {"backbone": "resnet101s", "output_stride": 8},
         "data": {"num_classes": 19, "crop_size": 801, "global_batch_size": 8, "eval_mode": "sliding_window"},
         "optim": {"lr": 5e-3, "lr_multi": 1.0, "labeled_loss": "ohem"},
-        "train": {"iterations": 84_000},
+        "train": {"epochs": 240},
     },
+    # UniMatch's COCO recipe (no CSL config was released).
     "coco": {
-        "model": {"backbone": "resnet101", "output_stride": 8},
+        "model": {"backbone": "resnet101s", "output_stride": 8},
         "data": {"num_classes": 81, "crop_size": 513, "global_batch_size": 8, "eval_mode": "center_crop"},
         "optim": {"lr": 4e-3, "lr_multi": 10.0, "labeled_loss": "ce"},
-        "train": {"iterations": 443_000},
+        "train": {"epochs": 30},
     },
     # The built-in procedural dataset on a laptop CPU: a few minutes on 2 workers.
     "tiny": {
@@ -277,8 +292,16 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Checks `value` against the annotation `tp`; converts only losslessly (int -> float, list -> tuple)."""
+    """Checks `value` against the annotation `tp`; converts only losslessly (int -> float, list -> tuple).
+
+    A `Literal[...]` choice is checked here, once, so builders can trust the validated config.
+    """
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if any(type(value) is type(choice) and value == choice for choice in choices):
+            return value
+        raise ConfigError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -354,21 +377,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
 
 
 def validate(cfg: Config) -> Config:
-    """Cross-field checks that types cannot express; raises ConfigError naming the key."""
-    choices = {
-        "model.output_stride": (cfg.model.output_stride, (8, 16)),
-        "data.eval_mode": (cfg.data.eval_mode, ("full", "center_crop", "sliding_window")),
-        "ssl.selector.kind": (cfg.ssl.selector.kind, ("csl", "threshold", "none")),
-        "ssl.selector.residual_rule": (cfg.ssl.selector.residual_rule, ("csl", "covar")),
-        "ssl.selector.residual_variance": (cfg.ssl.selector.residual_variance, ("released", "population")),
-        "ssl.teacher.kind": (cfg.ssl.teacher.kind, ("self", "ema")),
-        "optim.labeled_loss": (cfg.optim.labeled_loss, ("ce", "ohem")),
-        "train.precision": (cfg.train.precision, ("bf16", "fp32")),
-        "logging.mode": (cfg.logging.mode, ("auto", "online", "offline", "disabled")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    """Range and cross-field checks that types cannot express; raises ConfigError naming the key."""
     unit = {
         "ssl.tmp.prob": cfg.ssl.tmp.prob,
         "ssl.tmp.mask_ratio": cfg.ssl.tmp.mask_ratio,
@@ -388,7 +397,6 @@ def validate(cfg: Config) -> Config:
         "model.decoder_channels": cfg.model.decoder_channels,
         "ssl.tmp.block": cfg.ssl.tmp.block,
         "ssl.selector.alpha": cfg.ssl.selector.alpha,
-        "train.iterations": cfg.train.iterations,
         "train.eval_every": cfg.train.eval_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "optim.lr": cfg.optim.lr,
@@ -398,6 +406,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: {value} must be > 0")
     if cfg.data.num_classes < 2:
         raise ConfigError(f"data.num_classes: {cfg.data.num_classes} must be >= 2")
+    for key, value in (("train.iterations", cfg.train.iterations), ("train.epochs", cfg.train.epochs)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: {value} must be > 0")
+    if cfg.train.iterations is None and cfg.train.epochs is None:
+        raise ConfigError("train.iterations / train.epochs: set one of them")
     for key, count in (
         ("ssl.warmup_iterations", cfg.ssl.warmup_iterations),
         ("ssl.rampup_iterations", cfg.ssl.rampup_iterations),
@@ -419,6 +432,35 @@ def validate(cfg: Config) -> Config:
             f"data.global_batch_size: {cfg.data.global_batch_size} is not divisible by ray.num_workers={workers}"
         )
     return cfg
+
+
+def epoch_iterations(epochs: int, unlabeled_rows: int, global_batch_size: int) -> int:
+    """Iterations of `epochs` passes over the unlabelled split at the global batch, each dropping its last partial
+    batch, as released: epochs x floor(unlabelled rows / global batch)."""
+    return epochs * (unlabeled_rows // global_batch_size)
+
+
+def resolve_iterations(cfg: Config, unlabeled_rows: int) -> Config:
+    """A copy of `cfg` whose train.iterations is set: as given (it wins over train.epochs), else from the epochs.
+
+    Args:
+        cfg: a validated config.
+        unlabeled_rows: rows of the dataset's unlabelled split (its manifest's count).
+
+    Raises:
+        ConfigError when the epochs give no iteration (fewer unlabelled rows than one global batch).
+    """
+    resolved = copy.deepcopy(cfg)
+    if resolved.train.iterations is None:
+        assert resolved.train.epochs is not None  # validate() requires one of the two
+        iterations = epoch_iterations(resolved.train.epochs, unlabeled_rows, resolved.data.global_batch_size)
+        if iterations <= 0:
+            raise ConfigError(
+                f"train.epochs: {unlabeled_rows} unlabelled rows hold no batch of data.global_batch_size="
+                f"{resolved.data.global_batch_size}; set train.iterations instead"
+            )
+        resolved.train.iterations = iterations
+    return resolved
 
 
 def per_worker_batch_size(cfg: Config) -> int:

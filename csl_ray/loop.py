@@ -101,6 +101,8 @@ class TrainLoop:
     """
 
     def __init__(self, cfg: Config, device: torch.device | str, *, rank: int = 0, world_size: int = 1) -> None:
+        if cfg.train.iterations is None:
+            raise ValueError("train.iterations is unset: resolve train.epochs first (config.resolve_iterations)")
         self.cfg = cfg
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
@@ -196,6 +198,7 @@ class TrainLoop:
                     weights=self.loss_weights.scaled(scale),
                     weight_floor=cfg.ssl.selector.weight_floor,
                     tmp_enabled=cfg.ssl.tmp.enabled,
+                    bn_stats=cfg.ssl.bn_stats,
                     ignore_index=cfg.data.ignore_index,
                     timer=timer,
                 )

@@ -11,7 +11,8 @@ and MobileNets work without literals. The head follows UniMatch's `model/semseg/
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -93,6 +94,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
         return model.module
     return model
+
+
+@contextmanager
+def running_stats_kept(model: nn.Module) -> Iterator[None]:
+    """Runs the block, then puts the model's buffers (BatchNorm running statistics and batch counters) back.
+
+    The released CSL code's way of keeping a forward pass out of the running statistics while it still normalises
+    with its own batch statistics (training mode).
+    """
+    buffers = list(unwrap(model).buffers())
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        if buffers:
+            # Through `.data`, which has its own version counter: training-mode batch norm saves the running
+            # statistics for backward (unread there), and a tracked in-place copy would fail that backward.
+            torch._foreach_copy_([buffer.data for buffer in buffers], saved)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:

@@ -7,8 +7,12 @@ student's device).
 Teacher paths (`teacher.kind`):
 - `self` (as released): the weak-view probabilities are the detached softmax of the student's own training-mode
   forward on [x_l; x_w] (the pass that also gives L_x and L_fp); the CutMix partner gets a separate no-grad
-  `teacher.predict` pass (eval-mode BatchNorm, as UniMatch; see teacher.py).
+  `teacher.predict` pass (training or eval mode, `ssl.teacher.partner_pass`; see teacher.py).
 - `ema`: the weak and partner probabilities come from one `teacher.predict` pass of the EMA model.
+
+BatchNorm running statistics (`bn_stats`): `released` keeps the [x_s; x_m] pass out of them (the released code
+saves them before that pass and restores them at the next forward), so only [x_l; x_w] updates them; `all` lets
+both student passes update them. The partner pass never does.
 
 With `tmp_enabled=False` the masked branch is skipped (no forward pass, loss_u_m = 0, its weight dropped, so
 L = (L_x + w_s L_s + w_fp L_fp) / 2). An unmasked third view is `ssl.tmp.mask_ratio=0` instead.
@@ -32,6 +36,7 @@ from torch import nn
 from csl_ray.augment import normalize
 from csl_ray.losses import weighted_ce
 from csl_ray.masking import apply_tmp, paste
+from csl_ray.model import running_stats_kept
 from csl_ray.selection import Selection
 from csl_ray.teacher import EmaTeacher, SelfTeacher
 
@@ -156,6 +161,7 @@ def semi_supervised_step(
     weights: LossWeights,
     weight_floor: float,
     tmp_enabled: bool,
+    bn_stats: str,
     ignore_index: int,
     timer: Timer = untimed,
 ) -> StepOutput:
@@ -173,6 +179,7 @@ def semi_supervised_step(
         weights: unlabelled loss weights (already scaled by the ramp-up).
         weight_floor: soft weights below it count as 0 (`floor_weights`), for the main crops and the partners.
         tmp_enabled: run the masked branch (see the module docstring for the disabled case).
+        bn_stats: "released" (only the [x_l; x_w] pass updates the BatchNorm running statistics) or "all".
         ignore_index: label value of unknown ground truth in `unlabeled["mask"]`.
         timer: phase timer for benchmarks.
 
@@ -227,7 +234,8 @@ def semi_supervised_step(
         if tmp_enabled:
             x_m = apply_tmp(x_m, cells, reliable)
 
-    with timer("student_forward"):
+    keep_stats = running_stats_kept(student) if bn_stats == "released" else nullcontext()
+    with timer("student_forward"), keep_stats:
         # Strong and masked views share one forward pass (and so their BatchNorm statistics), as UniMatch's s1/s2.
         if tmp_enabled:
             logits_s, logits_m = student(torch.cat((x_s, x_m))).split(n_u)

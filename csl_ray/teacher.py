@@ -1,7 +1,8 @@
 """Teachers that produce the pseudo-label probabilities (CSL_SPEC section 5).
 
 - `SelfTeacher`: the student itself (the released CSL code's default). The weak-view prediction comes from the
-  step's own training-mode forward; `predict` serves the extra no-grad passes (the CutMix partner images).
+  step's own training-mode forward; `predict` serves the extra no-grad passes (the CutMix partner images), in
+  training mode (released) or eval mode (UniMatch), `ssl.teacher.partner_pass`.
 - `EmaTeacher`: a momentum copy of the student in timm `ModelEmaV3` style (deepcopy, eval, no grad, foreach lerp).
 
 Teachers are plain objects, not modules: they are never wrapped in DDP and a `.train()` on the loop's modules
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from csl_ray.config import Config
-from csl_ray.model import unwrap
+from csl_ray.model import running_stats_kept, unwrap
 
 
 def ema_momentum(step: int, base: float) -> float:
@@ -35,24 +36,27 @@ class SelfTeacher:
 
     Args:
         student: the student model (a DDP wrapper is unwrapped: teacher passes need no gradient sync).
+        partner_pass: "train" (released: BatchNorm on the batch's own statistics, the running statistics put back
+            afterwards) or "eval" (UniMatch: BatchNorm on the running statistics).
     """
 
     kind = "self"
 
-    def __init__(self, student: nn.Module) -> None:
+    def __init__(self, student: nn.Module, partner_pass: str) -> None:
         self.student = unwrap(student)
+        self.partner_pass = partner_pass
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities [N, C, H, W] (float32) for normalised images [N, 3, H, W], without gradient.
 
-        Runs in eval mode (BatchNorm on running statistics, no running-stat update), as UniMatch does for its mix
-        pass. The released CSL code instead keeps the student in train mode there, i.e. BatchNorm on the batch's
-        own statistics without updating the running ones. The student's previous mode is restored afterwards.
+        Runs in the `partner_pass` mode and leaves the running statistics as they were either way; the student's
+        previous mode is restored afterwards.
         """
         was_training = self.student.training
-        self.student.eval()
+        self.student.train(self.partner_pass == "train")
         try:
-            return _predict(self.student, images)
+            with running_stats_kept(self.student):
+                return _predict(self.student, images)
         finally:
             self.student.train(was_training)
 
@@ -106,9 +110,6 @@ class EmaTeacher:
 
 def build_teacher(cfg: Config, student: nn.Module) -> SelfTeacher | EmaTeacher:
     """The teacher named by `cfg.ssl.teacher.kind` ("self" or "ema") for `student`."""
-    kind = cfg.ssl.teacher.kind
-    if kind == "self":
-        return SelfTeacher(student)
-    if kind == "ema":
-        return EmaTeacher(student, cfg.ssl.teacher.momentum)
-    raise ValueError(f"ssl.teacher.kind: {kind!r} is not one of self, ema")
+    if cfg.ssl.teacher.kind == "self":
+        return SelfTeacher(student, cfg.ssl.teacher.partner_pass)
+    return EmaTeacher(student, cfg.ssl.teacher.momentum)

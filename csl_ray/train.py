@@ -76,7 +76,15 @@ from ray.train import (
     UserCallback,
 )
 
-from csl_ray.config import PRESETS, Config, config_from_dict, config_to_dict, dump_config, load_config
+from csl_ray.config import (
+    PRESETS,
+    Config,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    resolve_iterations,
+)
 from csl_ray.data.pipeline import (
     DECODE_CPUS,
     build_datasets,
@@ -129,7 +137,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="config overrides applied last, e.g. ssl.tmp.mask_ratio=0.5 ray.num_workers=4 (values parsed as YAML)",
+        help="config overrides applied last, e.g. ssl.tmp.mask_ratio=0.5 ray.num_workers=4 (values parsed as YAML); "
+        "train.iterations wins over train.epochs when both are given; every key: python -m csl_ray.config",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML config (any subset of the sections; may name a preset)")
     parser.add_argument(
@@ -564,6 +573,11 @@ def build_trainer(
     )
 
 
+def with_iterations(cfg: Config) -> Config:
+    """`cfg` with train.iterations set, from train.epochs and the dataset's unlabelled rows when it is unset."""
+    return resolve_iterations(cfg, read_manifest(dataset_root(cfg))["splits"]["unlabeled"])
+
+
 def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
     """Fits one run on the Ray cluster this process is connected to; writes and returns its summary.
 
@@ -576,6 +590,7 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
         (means of the step metrics over the last validation interval: selected_ratio, pseudo_acc_*, losses),
         `step`, `resumed_from`, `run_dir`, `checkpoint`, `best_checkpoint`, `wall_time_s`.
     """
+    cfg = with_iterations(cfg)
     name = run_name(cfg)
     run = RunDir(Path(cfg.train.output_dir).expanduser().resolve() / name)  # absolute: Ray processes have other cwds
     run.write_config(cfg)

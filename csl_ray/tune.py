@@ -37,7 +37,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from csl_ray.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, valid_keys, validate
 from csl_ray.tracking import plot_xy
-from csl_ray.train import data_cpus, fit, storage_path
+from csl_ray.train import data_cpus, fit, storage_path, with_iterations
 
 DEFAULT_SPACE: dict[str, list[Any]] = {
     "ssl.tmp.mask_ratio": [0.5, 0.7, 0.9],
@@ -184,7 +184,7 @@ def sweep(
     cfg.ray.storage_path = storage_path(cfg)
     rows: list[dict[str, Any]] = []
     for label, overrides in splits:
-        split_cfg = validate(apply_overrides(copy.deepcopy(cfg), dict(overrides)))
+        split_cfg = with_iterations(validate(apply_overrides(copy.deepcopy(cfg), dict(overrides))))
         grid = _tuner(split_cfg, space, f"{name}-split{label}", num_samples, resume).fit()
         for result in grid:
             history = result.metrics_dataframe

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -9,9 +10,11 @@ from csl_ray.config import (
     config_from_dict,
     config_to_dict,
     dump_config,
+    epoch_iterations,
     field_docs,
     load_config,
     per_worker_batch_size,
+    resolve_iterations,
     valid_keys,
 )
 
@@ -69,7 +72,13 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ("ssl.tmp.mask_ratio=high", "ssl.tmp.mask_ratio"),
         ("train.iterations=1.5", "train.iterations"),
         ("ssl.enabled=3", "ssl.enabled"),
-        ("ssl.selector.kind=otsu", "ssl.selector.kind"),
+        ("ssl.selector.kind=otsu", "ssl.selector.kind: 'otsu' is not one of csl, threshold, none"),
+        ("model.output_stride=32", "model.output_stride: 32 is not one of 8, 16"),
+        ("ssl.bn_stats=some", "ssl.bn_stats"),
+        ("ssl.teacher.partner_pass=true", "ssl.teacher.partner_pass"),
+        ("ssl.warmup_iterations=-1", "ssl.warmup_iterations"),
+        ("ssl.selector.weight_floor=1.5", "ssl.selector.weight_floor"),
+        ("train.epochs=0", "train.epochs"),
         ("ssl.tmp.mask_ratio=1.5", "ssl.tmp.mask_ratio"),
         ("data.scale_range=[1]", "data.scale_range"),
         ("nokey", "section.key=value"),
@@ -77,8 +86,38 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config("tiny", overrides=[override])
+
+
+def test_paper_presets_are_the_released_recipe():
+    for preset, epochs in (("pascal", 80), ("cityscapes", 240), ("coco", 30)):
+        cfg = load_config(preset)
+        assert cfg.model.backbone == "resnet101s" and cfg.model.weights_file is None
+        assert (cfg.train.epochs, cfg.train.iterations) == (epochs, None)
+        assert cfg.ssl.bn_stats == "released" and cfg.ssl.teacher.partner_pass == "train"
+        assert (cfg.ssl.warmup_iterations, cfg.ssl.rampup_iterations, cfg.ssl.selector.weight_floor) == (0, 0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("unlabeled_rows", "released_iterations"),
+    [(10_490, 104_880), (9_118, 91_120), (7_936, 79_360)],  # Pascal 92, 1464 and blended 1/4 at batch 8, 80 epochs
+)
+def test_epochs_give_the_released_iteration_counts(unlabeled_rows, released_iterations):
+    assert epoch_iterations(80, unlabeled_rows, 8) == released_iterations
+    cfg = load_config("pascal")
+    resolved = resolve_iterations(cfg, unlabeled_rows)
+    assert resolved.train.iterations == released_iterations and cfg.train.iterations is None  # a copy
+
+
+def test_iterations_win_over_epochs_and_one_is_needed():
+    cfg = load_config("pascal", overrides=["train.iterations=300", "train.epochs=5"])
+    assert resolve_iterations(cfg, 10_490).train.iterations == 300
+    assert resolve_iterations(load_config("pascal", overrides=["train.epochs=2"]), 20).train.iterations == 4
+    with pytest.raises(ConfigError, match="train.epochs: 7 unlabelled rows"):
+        resolve_iterations(load_config("pascal"), 7)
+    with pytest.raises(ConfigError, match="set one of them"):
+        load_config("pascal", overrides=["train.epochs=null"])
 
 
 def test_batch_must_divide_across_workers():

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -122,13 +123,20 @@ class RecordingSelector:
 
 
 def run_step(
-    student, teacher=None, selector=none_select, tmp_enabled=True, unlabeled=None, labeled=None, weight_floor=0.0
+    student,
+    teacher=None,
+    selector=none_select,
+    tmp_enabled=True,
+    unlabeled=None,
+    labeled=None,
+    weight_floor=0.0,
+    bn_stats=RELEASED.bn_stats,
 ):
     default_labeled, default_unlabeled = synthetic_batch()
     main, mix = halves(unlabeled if unlabeled is not None else default_unlabeled)
     return semi_supervised_step(
         student,
-        teacher if teacher is not None else SelfTeacher(student),
+        teacher if teacher is not None else SelfTeacher(student, RELEASED.teacher.partner_pass),
         selector,
         nn.CrossEntropyLoss(ignore_index=255),
         labeled if labeled is not None else default_labeled,
@@ -137,6 +145,7 @@ def run_step(
         weights=WEIGHTS,
         weight_floor=weight_floor,
         tmp_enabled=tmp_enabled,
+        bn_stats=bn_stats,
         ignore_index=255,
     )
 
@@ -200,14 +209,16 @@ def test_strong_view_is_cutmixed_with_the_partner():
     assert main["cutmix_box"].any() and torch.equal(x_s, expected)
 
 
-def test_self_teacher_uses_the_training_forward_and_predicts_the_partner_in_eval_mode():
+@pytest.mark.parametrize("partner_pass", ["train", "eval"])
+def test_self_teacher_uses_the_training_forward_and_predicts_the_partner_in_its_mode(partner_pass):
     student = Spy().train()
     labeled, unlabeled = synthetic_batch()
     selector = RecordingSelector(none_select)
-    run_step(student, selector=selector, unlabeled=unlabeled)
+    run_step(student, teacher=SelfTeacher(student, partner_pass), selector=selector, unlabeled=unlabeled)
     (mix_input, mix_fp, mix_training), (joint, joint_fp, joint_training) = student.calls[:2]
     main, mix = halves(unlabeled)
-    assert torch.equal(mix_input, normalize(mix["image_weak"])) and not mix_fp and not mix_training
+    assert torch.equal(mix_input, normalize(mix["image_weak"])) and not mix_fp
+    assert mix_training == (partner_pass == "train")
     assert joint_fp and joint_training and torch.equal(joint[B:], normalize(main["image_weak"]))
     with torch.no_grad():
         weak_probs = student.conv(normalize(main["image_weak"])).softmax(1)
@@ -330,7 +341,7 @@ def test_nan_logits_give_a_nan_loss_not_an_error():
 def test_a_few_dozen_steps_lower_the_loss():
     torch.manual_seed(0)
     student = TinySegNet().train()
-    teacher = SelfTeacher(student)
+    teacher = SelfTeacher(student, RELEASED.teacher.partner_pass)
     selector = build_selector(load_config().ssl.selector)  # CSL with the paper's defaults
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     losses = []
@@ -348,6 +359,7 @@ def test_a_few_dozen_steps_lower_the_loss():
             weights=WEIGHTS,
             weight_floor=0.0,
             tmp_enabled=True,
+            bn_stats=RELEASED.bn_stats,
             ignore_index=255,
         )
         optimizer.zero_grad()
@@ -356,3 +368,46 @@ def test_a_few_dozen_steps_lower_the_loss():
         losses.append(float(out.metrics["loss"]))
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.5 * first, losses
+
+
+def running_stats(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("partner_pass", ["train", "eval"])
+def test_released_bn_stats_change_only_through_the_labelled_and_weak_pass(partner_pass):
+    labeled, unlabeled = synthetic_batch()
+    main, _ = halves(unlabeled)
+    student = TinySegNet().train()
+    twin = copy.deepcopy(student)
+    run_step(student, teacher=SelfTeacher(student, partner_pass), labeled=labeled, unlabeled=unlabeled)
+    with torch.no_grad():
+        twin(torch.cat((normalize(labeled["image"]), normalize(main["image_weak"]))), need_fp=True)
+    after, expected = running_stats(student), running_stats(twin)
+    assert all(torch.equal(after[k], expected[k]) for k in expected)
+
+    every_pass = copy.deepcopy(twin)  # `all`: the strong + masked pass updates them too
+    run_step(every_pass, labeled=labeled, unlabeled=unlabeled, bn_stats="all")
+    assert running_stats(every_pass)["features.1.num_batches_tracked"] == 2 + expected["features.1.num_batches_tracked"]
+    assert not torch.allclose(running_stats(every_pass)["features.1.running_mean"], expected["features.1.running_mean"])
+
+
+def test_partner_pass_mode_changes_the_partner_probabilities_and_nothing_else():
+    labeled, unlabeled = synthetic_batch(cutmix_prob=1.0)
+    base = TinySegNet().train()
+    results = {}
+    for mode in ("train", "eval"):
+        student = copy.deepcopy(base)
+        selector = RecordingSelector(none_select)
+        torch.manual_seed(0)  # the same feature-perturbation dropout in both runs
+        out = run_step(
+            student, teacher=SelfTeacher(student, mode), selector=selector, labeled=labeled, unlabeled=unlabeled
+        )
+        results[mode] = (selector.probs, out.metrics, running_stats(student), student.training)
+    (probs_t, metrics_t, stats_t, training_t), (probs_e, metrics_e, stats_e, training_e) = results.values()
+    assert torch.equal(probs_t[:B], probs_e[:B])  # the main crops' pseudo-labels come from the training forward
+    assert not torch.allclose(probs_t[B:], probs_e[B:], atol=1e-3)  # batch vs running statistics
+    assert all(torch.equal(stats_t[k], stats_e[k]) for k in stats_t) and training_t and training_e
+    for key in ("loss_x", "loss_u_m", "loss_u_fp", "selected_ratio", "mean_weight"):
+        assert torch.equal(metrics_t[key], metrics_e[key]), key
+    assert not torch.equal(metrics_t["loss_u_s"], metrics_e["loss_u_s"])  # the CutMix boxes carry partner labels

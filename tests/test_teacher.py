@@ -33,7 +33,7 @@ def test_ema_momentum_schedule():
 
 def test_self_teacher_shares_weights_and_restores_train_mode():
     student = tiny_net().train()
-    teacher = SelfTeacher(student)
+    teacher = SelfTeacher(student, "eval")
     assert teacher.kind == "self"
     assert teacher.student is student
     assert all(a is b for a, b in zip(teacher.student.parameters(), student.parameters(), strict=True))
@@ -55,9 +55,29 @@ def test_self_teacher_shares_weights_and_restores_train_mode():
     teacher.load_state_dict({})
 
 
+def test_self_teacher_in_train_mode_uses_batch_statistics_and_keeps_the_running_ones():
+    student = tiny_net()
+    with torch.no_grad():
+        student[1].running_mean.fill_(3.0)  # far from the batch's statistics
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher = SelfTeacher(student, "train")
+    student.eval()
+    x = images()
+    torch.manual_seed(4)
+    probs = teacher.predict(x)
+    assert not student.training  # the caller's mode is restored
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, before[key]), key  # running statistics and batch counter put back
+    torch.manual_seed(4)  # the same Dropout2d draw: training mode is training mode
+    with torch.no_grad():
+        expected = student.train()(x).softmax(1)
+    torch.testing.assert_close(probs, expected)
+    assert not torch.allclose(probs, SelfTeacher(student, "eval").predict(x), atol=1e-3)  # running statistics
+
+
 def test_self_teacher_unwraps_data_parallel():
     student = tiny_net()
-    assert SelfTeacher(nn.DataParallel(student)).student is student
+    assert SelfTeacher(nn.DataParallel(student), "eval").student is student
 
 
 def test_ema_teacher_is_a_frozen_eval_copy():
@@ -111,4 +131,6 @@ def test_build_teacher():
     cfg = load_config(overrides=["ssl.teacher.kind=ema", "ssl.teacher.momentum=0.9"])
     teacher = build_teacher(cfg, student)
     assert isinstance(teacher, EmaTeacher) and teacher.momentum == 0.9
-    assert isinstance(build_teacher(load_config(), student), SelfTeacher)
+    released = build_teacher(load_config(), student)
+    assert isinstance(released, SelfTeacher) and released.partner_pass == "train"
+    assert build_teacher(load_config(overrides=["ssl.teacher.partner_pass=eval"]), student).partner_pass == "eval"
