@@ -162,7 +162,7 @@ def labeled_views(
 def unlabeled_views(
     image: torch.Tensor, mask: torch.Tensor, params: ViewParams, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """An unlabelled training row with every view the step needs (csl_interfaces.md "Batch schema").
+    """An unlabelled training row with every view the step needs (docs/data.md, "Batch schema").
 
     The masked view takes the mild aug + TMP cells with probability tmp_prob (when TMP is enabled), otherwise an
     independent strong draw with no cells.

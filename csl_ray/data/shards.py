@@ -1,4 +1,4 @@
-"""Shard format version 1 (DESIGN.md): `manifest.json` + `<split>/part-NNNNN.parquet` of encoded images and masks.
+"""Shard format version 1 (docs/data.md): `manifest.json` + `<split>/part-NNNNN.parquet` of encoded images and masks.
 
 A dataset root holds one folder per split (`labeled`, `unlabeled`, `val`) of Parquet files with the columns
 `id` (string), `image` (the encoded JPEG/PNG bytes), `mask` (PNG of uint8 class ids, 255 = ignore; null where there
