@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from csl_ray.selection import EPS, Selection, csl_select, threshold_select
+from csl_ray.config import SelectorConfig
+from csl_ray.selection import EPS, Selection, build_selector
 
 DEFAULT_SIZES = "16x21x321,8x19x801"
 
@@ -197,11 +198,16 @@ def agreement(ours: Selection, released: torch.Tensor) -> dict[str, float]:
     return {"max_abs_weight_diff": float(diff.max()), "frac_weight_diff_gt_1e-3": float((diff > 1e-3).float().mean())}
 
 
+CSL = build_selector(SelectorConfig(kind="csl"))
+"""The selector as configured by default (the released recipe)."""
+THRESHOLD = build_selector(SelectorConfig(kind="threshold"))
+
+
 def contenders(probs: torch.Tensor, valid: torch.Tensor) -> dict[str, Callable[[], object]]:
     return {
-        "csl": lambda: csl_select(probs, valid),
+        "csl": lambda: CSL(probs, valid),
         "released": lambda: released_select(probs, valid),
-        "threshold": lambda: threshold_select(probs, valid),
+        "threshold": lambda: THRESHOLD(probs, valid),
         "max+cmp": lambda: naive_threshold(probs, valid),
     }
 
@@ -216,7 +222,7 @@ def run(sizes: list[tuple[int, int, int]], device: str, repeats: int) -> dict:
             "shape": [n, c, size, size],
             "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
             "min_ms": {k: 1e3 * min(v) for k, v in times.items()},
-            "agreement_vs_released": agreement(csl_select(probs, valid), released_select(probs, valid)),
+            "agreement_vs_released": agreement(CSL(probs, valid), released_select(probs, valid)),
         }
         results["sizes"].append(entry)
         print(f"done {n}x{c}x{size}x{size}", file=sys.stderr, flush=True)

@@ -23,6 +23,9 @@ from typing import Any, Literal
 
 import yaml
 
+EvalMode = Literal["full", "center_crop", "sliding_window"]
+"""Validation modes (UniMatch's three); csl_ray.evaluate and jobs/evaluate.py read the choices from here."""
+
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names the source and the key."""
@@ -68,7 +71,7 @@ class DataConfig:
     """Seed of the labelled subset draw."""
     scale_range: tuple[float, float] = (0.5, 2.0)
     """Random resize range of the weak view."""
-    eval_mode: Literal["full", "center_crop", "sliding_window"] = "full"
+    eval_mode: EvalMode = "full"
     """full | center_crop | sliding_window (window = crop_size, stride 2/3 of it)."""
     decode_workers: int = 0
     """0 = Ray Data tasks read, decode and augment (worker processes are reused across epochs and evaluations);

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,10 +22,10 @@ import torch
 from torch import nn
 
 from csl_ray.augment import normalize
-from csl_ray.config import DataConfig
+from csl_ray.config import DataConfig, EvalMode
 from csl_ray.metrics import ConfusionMatrix
 
-MODES = ("full", "center_crop", "sliding_window")
+MODES: tuple[str, ...] = typing.get_args(EvalMode)
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -38,9 +38,9 @@ def ohem_ce(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    ignore_index: int = 255,
-    thresh: float = 0.7,
-    min_kept: int = 200_000,
+    ignore_index: int,
+    thresh: float,
+    min_kept: int,
 ) -> torch.Tensor:
     """Online hard example mining CE (UniMatch / U2PL `ProbOhemCrossEntropy2d`).
 
@@ -80,6 +80,4 @@ def build_labeled_loss(cfg: OptimConfig, ignore_index: int) -> Callable[[torch.T
     """The labelled-batch loss `(logits, target) -> scalar` named by `cfg.labeled_loss` ("ce" or "ohem")."""
     if cfg.labeled_loss == "ce":
         return functools.partial(F.cross_entropy, ignore_index=ignore_index)
-    if cfg.labeled_loss == "ohem":
-        return functools.partial(ohem_ce, ignore_index=ignore_index, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept)
-    raise ValueError(f"optim.labeled_loss: {cfg.labeled_loss!r} is not one of ce, ohem")
+    return functools.partial(ohem_ce, ignore_index=ignore_index, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept)

@@ -2,8 +2,8 @@
 
 Every selector maps teacher probabilities [N, C, H, W] and a validity mask [N, H, W] to a `Selection`:
 
-    sel = csl_select(probs, valid)               # weights, labels, reliable, confidence (+ per-image stats)
     select = build_selector(cfg.ssl.selector)    # the configured selector as a (probs, valid) -> Selection callable
+    sel = select(probs, valid)                   # weights, labels, reliable, confidence (+ per-image stats)
 
 `csl_select` is batched: each image's 2x2 spectral problem needs only masked sums over that image's pixels, so all
 images are solved together in closed form, with no loop over images or pixels. It makes three passes over the
@@ -222,11 +222,11 @@ def csl_select(
     probs: Tensor,
     valid: Tensor,
     *,
-    alpha: float = 8.0,
-    lam: float = 0.0,
-    ridge: float = 0.0,
-    residual_rule: str = "csl",
-    residual_variance: str = "released",
+    alpha: float,
+    lam: float,
+    ridge: float,
+    residual_rule: str,
+    residual_variance: str,
 ) -> Selection:
     """Confidence Separable Learning selection (docs/method.md, Selection), batched over images.
 
@@ -385,7 +385,7 @@ def _max_argmax(probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @torch.no_grad()
-def threshold_select(probs: Tensor, valid: Tensor, *, threshold: float = 0.95) -> Selection:
+def threshold_select(probs: Tensor, valid: Tensor, *, threshold: float) -> Selection:
     """FixMatch / UniMatch baseline: w = 1[max prob >= threshold] on valid pixels with finite probabilities.
 
     Args:

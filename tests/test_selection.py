@@ -21,6 +21,12 @@ from csl_ray.config import SelectorConfig
 from csl_ray.selection import EPS, Selection, build_selector, csl_select, none_select, threshold_select
 
 BOUNDARY = 1e-4
+RELEASED = {k: getattr(SelectorConfig(), k) for k in ("alpha", "lam", "ridge", "residual_rule", "residual_variance")}
+
+
+def select(probs: torch.Tensor, valid: torch.Tensor, **changes) -> Selection:
+    """csl_select with the config's defaults (the released selector), changed by `changes`."""
+    return csl_select(probs, valid, **{**RELEASED, **changes})
 
 
 def reference(
@@ -138,7 +144,7 @@ def check_contract(sel: Selection, shape: tuple[int, int, int]) -> None:
 def test_matches_reference(n, c, h, w, dtype, residual_variance, residual_rule):
     probs, valid = random_probs(n, c, h, w, seed=c * 100 + h, dtype=dtype), random_valid(n, h, w, seed=c)
     options = {"residual_variance": residual_variance, "residual_rule": residual_rule}
-    sel = csl_select(probs, valid, **options)
+    sel = select(probs, valid, **options)
     check_contract(sel, (n, h, w))
     assert_matches_reference(sel, probs, valid, **options)
 
@@ -147,29 +153,29 @@ def test_matches_reference(n, c, h, w, dtype, residual_variance, residual_rule):
 @pytest.mark.parametrize("options", [{"lam": 0.7}, {"lam": -2.0}, {"ridge": 0.05}, {"ridge": 10.0, "alpha": 2.0}])
 def test_lam_ridge_alpha_match_reference(dtype, options):
     probs, valid = random_probs(3, 7, 15, 11, seed=5, dtype=dtype), random_valid(3, 15, 11, seed=5)
-    assert_matches_reference(csl_select(probs, valid, **options), probs, valid, **options)
+    assert_matches_reference(select(probs, valid, **options), probs, valid, **options)
 
 
 def test_more_than_256_classes():
     probs, valid = random_probs(2, 300, 6, 7, seed=13), random_valid(2, 6, 7, seed=13)
-    assert_matches_reference(csl_select(probs, valid), probs, valid)
+    assert_matches_reference(select(probs, valid), probs, valid)
 
 
 def test_large_image_spans_several_tiles():
     # 2 x 300 x 300 pixels: more than one CPU tile, so per-image sums are accumulated across tiles.
     probs, valid = random_probs(2, 5, 300, 300, seed=3, dtype=torch.float64), random_valid(2, 300, 300, seed=3)
-    assert_matches_reference(csl_select(probs, valid), probs, valid)
+    assert_matches_reference(select(probs, valid), probs, valid)
 
 
 def test_all_invalid_image_gets_zero_weights_and_leaves_others_alone():
     probs = random_probs(2, 4, 10, 10, seed=1, dtype=torch.float64)
     valid = torch.ones(2, 10, 10, dtype=torch.bool)
     valid[1] = False
-    sel = csl_select(probs, valid)
+    sel = select(probs, valid)
     check_contract(sel, (2, 10, 10))
     assert (sel.weights[1] == 0).all() and not sel.reliable[1].any()
     assert sel.stats["num_valid"].tolist() == [100, 0]
-    torch.testing.assert_close(sel.weights[0], csl_select(probs[:1], valid[:1]).weights[0], rtol=0, atol=1e-7)
+    torch.testing.assert_close(sel.weights[0], select(probs[:1], valid[:1]).weights[0], rtol=0, atol=1e-7)
     assert_matches_reference(sel, probs, valid)
 
 
@@ -177,7 +183,7 @@ def test_single_valid_pixel_is_reliable():
     probs = random_probs(1, 5, 6, 6, seed=2)
     valid = torch.zeros(1, 6, 6, dtype=torch.bool)
     valid[0, 2, 3] = True
-    sel = csl_select(probs, valid)
+    sel = select(probs, valid)
     assert sel.weights[0, 2, 3] == 1.0 and sel.weights.sum() == 1.0
     assert sel.stats["cluster_sizes"].tolist() == [[1, 0]]
     assert_matches_reference(sel, probs, valid)
@@ -188,7 +194,7 @@ def test_one_hot_probabilities(residual_variance):
     labels = torch.randint(0, 6, (2, 8, 8), generator=torch.Generator().manual_seed(0))
     probs = torch.nn.functional.one_hot(labels, 6).permute(0, 3, 1, 2).float()
     valid = random_valid(2, 8, 8, seed=0)
-    sel = csl_select(probs, valid, residual_variance=residual_variance)
+    sel = select(probs, valid, residual_variance=residual_variance)
     assert torch.equal(sel.labels, labels) and (sel.confidence == 1).all()
     assert torch.equal(sel.weights, valid.float())  # m = 1, sigma^2 = 0: every feature is (0, 0)
     assert_matches_reference(sel, probs, valid, residual_variance=residual_variance)
@@ -199,7 +205,7 @@ def test_one_hot_probabilities(residual_variance):
 def test_uniform_probabilities(c, residual_variance):
     probs = torch.full((2, c, 7, 9), 1.0 / c)
     valid = random_valid(2, 7, 9, seed=4)
-    sel = csl_select(probs, valid, residual_variance=residual_variance)
+    sel = select(probs, valid, residual_variance=residual_variance)
     assert (sel.labels == 0).all()  # ties go to the first class
     assert torch.equal(sel.weights, valid.float())  # identical pixels: one cluster, zero variance, z = 0, w = 1
     assert_matches_reference(sel, probs, valid, residual_variance=residual_variance)
@@ -210,7 +216,7 @@ def test_identical_pixels_are_rank_one_and_stay_in_the_leading_cluster(dtype):
     pixel = torch.tensor([0.1, 0.6, 0.05, 0.25], dtype=dtype)
     probs = pixel.view(1, 4, 1, 1).expand(3, 4, 5, 6).contiguous()
     valid = random_valid(3, 5, 6, seed=6)
-    sel = csl_select(probs, valid)
+    sel = select(probs, valid)
     assert torch.equal(sel.weights, valid.float())
     assert sel.stats["cluster_sizes"][:, 1].eq(0).all()
     assert sel.stats["eigenvalues"][:, 1].eq(0).all()
@@ -225,10 +231,10 @@ def test_non_finite_pixels_are_dropped_without_affecting_others(bad):
     spoiled[0, 3, 1, 2] = bad  # one class of one pixel
     spoiled[1, :, 4, 4] = bad  # every class
     spoiled[1, 0, 0, 0] = bad
-    sel = csl_select(spoiled, valid)
+    sel = select(spoiled, valid)
     finite = torch.isfinite(spoiled).all(dim=1)
     assert (sel.weights[~finite] == 0).all() and torch.isfinite(sel.weights).all()
-    expected = csl_select(probs, valid & finite)
+    expected = select(probs, valid & finite)
     torch.testing.assert_close(sel.weights, expected.weights, rtol=0, atol=1e-7)
     assert_matches_reference(sel, spoiled, valid)
 
@@ -237,10 +243,10 @@ def test_half_precision_input_is_upcast_per_tile():
     probs, valid = random_probs(2, 19, 24, 24, seed=8), random_valid(2, 24, 24, seed=8)
     for dtype in (torch.bfloat16, torch.float16):
         low = probs.to(dtype)
-        sel = csl_select(low, valid)
+        sel = select(low, valid)
         check_contract(sel, (2, 24, 24))
         # The tile is upcast before any arithmetic: identical to float32 input holding the same values.
-        assert torch.equal(sel.weights, csl_select(low.float(), valid).weights)
+        assert torch.equal(sel.weights, select(low.float(), valid).weights)
 
 
 def test_half_precision_input_tracks_float32_on_moderate_confidences():
@@ -250,11 +256,11 @@ def test_half_precision_input_tracks_float32_on_moderate_confidences():
     logits = torch.randn(2, 19, 24, 24, generator=gen) * torch.empty(2, 1, 24, 24).uniform_(0.3, 1.5, generator=gen)
     probs, valid = logits.softmax(dim=1), random_valid(2, 24, 24, seed=8)
     assert probs.amax() < 0.9
-    full = csl_select(probs, valid)
-    half = csl_select(probs.half(), valid)  # 11-bit mantissa: features within ~1e-3
+    full = select(probs, valid)
+    half = select(probs.half(), valid)  # 11-bit mantissa: features within ~1e-3
     assert torch.equal(half.stats["cluster_sizes"], full.stats["cluster_sizes"])
     torch.testing.assert_close(half.weights, full.weights, rtol=0, atol=2e-3)
-    brain = csl_select(probs.bfloat16(), valid)  # 8-bit mantissa: a few boundary pixels move, weights shift a little
+    brain = select(probs.bfloat16(), valid)  # 8-bit mantissa: a few boundary pixels move, weights shift a little
     assert (brain.stats["cluster_sizes"] - full.stats["cluster_sizes"]).abs().max() <= 3
     assert (brain.weights - full.weights).abs().mean() < 0.01
 
@@ -263,8 +269,8 @@ def test_half_precision_input_tracks_float32_on_moderate_confidences():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_cpu(dtype):
     probs, valid = random_probs(3, 21, 33, 35, seed=9).to(dtype), random_valid(3, 33, 35, seed=9)
-    cpu = csl_select(probs, valid)
-    gpu = csl_select(probs.cuda(), valid.cuda())
+    cpu = select(probs, valid)
+    gpu = select(probs.cuda(), valid.cuda())
     assert gpu.weights.device.type == "cuda"
     torch.testing.assert_close(gpu.labels.cpu(), cpu.labels, rtol=0, atol=0)
     assert torch.equal(gpu.stats["cluster_sizes"].cpu(), cpu.stats["cluster_sizes"])
@@ -289,7 +295,7 @@ def batches(draw) -> tuple[torch.Tensor, torch.Tensor]:
 @given(batches(), st.sampled_from(["csl", "covar"]), st.sampled_from(["released", "population"]))
 def test_weights_are_in_range_and_zero_off_valid(batch, rule, variance):
     probs, valid = batch
-    sel = csl_select(probs, valid, residual_rule=rule, residual_variance=variance)
+    sel = select(probs, valid, residual_rule=rule, residual_variance=variance)
     check_contract(sel, tuple(valid.shape))
     assert (sel.weights[~valid] == 0).all()
     assert torch.equal(sel.reliable, sel.weights == 1.0)
@@ -300,7 +306,7 @@ def test_weights_are_in_range_and_zero_off_valid(batch, rule, variance):
 def test_permuting_the_batch_permutes_the_output(batch, rng):
     probs, valid = batch
     order = torch.tensor(rng.sample(range(len(probs)), len(probs)))
-    base, permuted = csl_select(probs, valid), csl_select(probs[order], valid[order])
+    base, permuted = select(probs, valid), select(probs[order], valid[order])
     torch.testing.assert_close(permuted.weights, base.weights[order], rtol=0, atol=1e-7)
     assert torch.equal(permuted.labels, base.labels[order])
 
@@ -310,7 +316,7 @@ def test_permuting_the_batch_permutes_the_output(batch, rng):
 def test_permuting_classes_leaves_weights_unchanged(batch, rng):
     probs, valid = batch
     order = torch.tensor(rng.sample(range(probs.shape[1]), probs.shape[1]))
-    base, permuted = csl_select(probs, valid), csl_select(probs[:, order], valid)
+    base, permuted = select(probs, valid), select(probs[:, order], valid)
     torch.testing.assert_close(permuted.weights, base.weights, rtol=0, atol=1e-7)
     assert torch.equal(order[permuted.labels], base.labels)
 
@@ -319,9 +325,9 @@ def test_permuting_classes_leaves_weights_unchanged(batch, rng):
 @given(batches())
 def test_each_image_is_independent_of_the_others(batch):
     probs, valid = batch
-    together = csl_select(probs, valid)
+    together = select(probs, valid)
     for i in range(len(probs)):
-        alone = csl_select(probs[i : i + 1], valid[i : i + 1])
+        alone = select(probs[i : i + 1], valid[i : i + 1])
         torch.testing.assert_close(alone.weights[0], together.weights[i], rtol=0, atol=1e-7)
         assert torch.equal(alone.stats["cluster_sizes"][0], together.stats["cluster_sizes"][i])
 
@@ -352,9 +358,9 @@ def test_none_baseline():
 def test_build_selector_dispatches_from_config():
     probs, valid = random_probs(2, 6, 12, 12, seed=12), random_valid(2, 12, 12, seed=12)
     options = {"alpha": 2.0, "lam": 0.5, "ridge": 0.1, "residual_rule": "covar", "residual_variance": "population"}
-    expected = csl_select(probs, valid, **options)
+    expected = select(probs, valid, **options)
     assert torch.equal(build_selector(SelectorConfig(kind="csl", **options))(probs, valid).weights, expected.weights)
-    assert not torch.equal(expected.weights, csl_select(probs, valid).weights)
+    assert not torch.equal(expected.weights, select(probs, valid).weights)
     threshold = build_selector(SelectorConfig(kind="threshold", threshold=0.5))(probs, valid)
     assert torch.equal(threshold.weights, threshold_select(probs, valid, threshold=0.5).weights)
     assert torch.equal(build_selector(SelectorConfig(kind="none"))(probs, valid).weights, valid.float())
@@ -377,7 +383,7 @@ def test_build_selector_dispatches_from_config():
 )
 def test_bad_arguments_are_rejected(probs, valid, options, match):
     with pytest.raises(ValueError, match=match):
-        csl_select(probs, valid, **options)
+        select(probs, valid, **options)
 
 
 def test_csl_trusts_a_large_share_of_even_a_near_uniform_teacher():
@@ -387,6 +393,6 @@ def test_csl_trusts_a_large_share_of_even_a_near_uniform_teacher():
     probs = (0.1 * torch.randn(4, 6, 32, 32, generator=g)).softmax(1)
     valid = torch.ones(4, 32, 32, dtype=torch.bool)
     assert probs.amax(1).max() < 0.3
-    share = csl_select(probs, valid).reliable.float().mean(dim=(1, 2))
+    share = select(probs, valid).reliable.float().mean(dim=(1, 2))
     assert (share > 0.25).all(), share
     assert not threshold_select(probs, valid, threshold=0.95).reliable.any()
