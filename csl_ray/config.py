@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -565,6 +566,15 @@ def reference_markdown() -> str:
     for key, default, doc in field_docs():
         lines.append(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
+
+
+def reference_text(width: int = 100) -> str:
+    """Every key with its default and meaning as plain text: the `--help` epilog of the jobs/ scripts."""
+    lines = []
+    for key, default, doc in field_docs():
+        lines.append(f"  {key} = {default}")
+        lines.extend(textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         metavar="KEY=VALUE",
         help="config overrides applied last, e.g. ssl.tmp.mask_ratio=0.5 ray.num_workers=4 (values parsed as YAML); "
-        "train.iterations wins over train.epochs when both are given; every key: python -m csl_ray.config",
+        "train.iterations wins over train.epochs when both are given; every key is listed below",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML config (any subset of the sections; may name a preset)")
     parser.add_argument(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from csl_ray.config import ConfigError
+from csl_ray.config import ConfigError, reference_text
 from csl_ray.train import add_config_arguments, config_from_arguments, train
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every config key, its default and meaning: csl_ray/config.py (or the README's reference table).",
+        epilog="Config keys (KEY=VALUE overrides), default and meaning:\n" + reference_text(),
     )
     add_config_arguments(parser)
     return parser

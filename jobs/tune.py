@@ -16,7 +16,7 @@ import argparse
 
 import ray
 
-from csl_ray.config import ConfigError
+from csl_ray.config import ConfigError, reference_text
 from csl_ray.train import add_config_arguments, config_from_arguments, init_ray
 from csl_ray.tune import (
     DEFAULT_FRACTIONS,
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Config keys (for overrides and --space): csl_ray/config.py (or the README's reference table).",
+        epilog="Config keys (for overrides and --space), default and meaning:\n" + reference_text(),
     )
     add_config_arguments(parser)
     default_space = " ".join(f"{k}={','.join(map(str, v))}" for k, v in DEFAULT_SPACE.items())
