@@ -1,4 +1,4 @@
-"""Image augmentation: paired geometric transforms and photometric views (docs/method.md sections 4-5)."""
+"""Image augmentation: paired geometric transforms and photometric views (docs/method.md, TMP and The step)."""
 
 from __future__ import annotations
 
@@ -135,6 +135,6 @@ def strong_view(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 
 def mild_view(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The TMP view's mild aug (docs/method.md section 4) of the weak crop uint8 [3, H, W]:
+    """The TMP view's mild aug (docs/method.md, TMP) of the weak crop uint8 [3, H, W]:
     ColorJitter(0.2, 0.2, 0.2, 0.2) p=0.8, blur p=0.5."""
     return _photometric(image, generator, jitter=0.2, hue=0.2, gray_p=0.0)

@@ -244,7 +244,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# Presets hold only what differs from the defaults (docs/method.md, "Model and optimisation"): the released
+# Presets hold only what differs from the defaults (docs/method.md, Model and optimisation): the released
 # recipes on the deep-stem ResNet-101, with the released schedule of epochs over the unlabelled split at batch 8.
 PRESETS: dict[str, dict[str, Any]] = {
     "pascal": {

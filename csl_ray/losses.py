@@ -1,4 +1,4 @@
-"""Segmentation losses: the weighted pseudo-label CE of docs/method.md sections 4-5 and the labelled CE / OHEM.
+"""Segmentation losses: the weighted pseudo-label CE (docs/method.md, The step) and the labelled CE / OHEM.
 
 Pure tensor functions; nothing here synchronises with the host (no `.item()`, no data-dependent shapes).
 """
@@ -17,7 +17,7 @@ from csl_ray.config import OptimConfig
 def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per-pixel weighted cross-entropy `Σ w·CE / max(#valid, 1)`.
 
-    Dividing by the valid pixels, not by the selected ones, is the released code's choice (docs/method.md section 5): a
+    Dividing by the valid pixels, not by the selected ones, is the released code's choice (docs/method.md, The step): a
     batch whose weights are mostly 0 contributes a small loss instead of a rescaled one.
 
     Args:

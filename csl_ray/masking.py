@@ -1,4 +1,4 @@
-"""CutMix boxes and Trusted Mask Perturbation (TMP) block masks (docs/method.md sections 4-5).
+"""CutMix boxes and Trusted Mask Perturbation (TMP) block masks (docs/method.md, TMP and The step).
 
 Pure tensor functions. Randomness comes only from the explicit `torch.Generator`, so a seeded generator gives the
 same masks on any worker; masks are made on the generator's device.

@@ -1,4 +1,4 @@
-"""DeepLabV3+ on any timm CNN backbone, with UniMatch's feature-perturbation branch (docs/method.md section 6).
+"""DeepLabV3+ on a timm CNN backbone with the feature-perturbation branch (docs/method.md, Model and optimisation).
 
 The backbone is `timm.create_model(name, features_only=True, out_indices=(low, last), output_stride=...)`; the
 low-level feature is the stride-4 one and all channel counts come from `feature_info`, so ResNets, EfficientNets

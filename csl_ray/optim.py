@@ -1,4 +1,4 @@
-"""SGD with a per-iteration poly learning-rate schedule (docs/method.md section 6).
+"""SGD with a per-iteration poly learning-rate schedule (docs/method.md, Model and optimisation).
 
 optimizer = build_optimizer(cfg, model)
 for step in range(total):

@@ -1,4 +1,4 @@
-"""One semi-supervised CSL step (docs/method.md section 5) and the supervised-only baseline step.
+"""One semi-supervised CSL step (docs/method.md, The step) and the supervised-only baseline step.
 
 A step computes the loss and named metrics and nothing else; the loop does backward, the optimiser, the schedule
 and the teacher update. Batches follow docs/data.md, "Batch schema" (uint8 images, normalised here on the
@@ -165,7 +165,7 @@ def semi_supervised_step(
     ignore_index: int,
     timer: Timer = untimed,
 ) -> StepOutput:
-    """Loss and metrics of one CSL iteration (docs/method.md section 5).
+    """Loss and metrics of one CSL iteration (docs/method.md, The step).
 
     Args:
         student: the model being trained (possibly DDP-wrapped); called in its current (training) mode.

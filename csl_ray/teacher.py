@@ -1,4 +1,4 @@
-"""Teachers that produce the pseudo-label probabilities (docs/method.md section 5).
+"""Teachers that produce the pseudo-label probabilities (docs/method.md, The step).
 
 - `SelfTeacher`: the student itself (the released CSL code's default). The weak-view prediction comes from the
   step's own training-mode forward; `predict` serves the extra no-grad passes (the CutMix partner images), in
