@@ -7,7 +7,7 @@
   loop, no window starts after the previous one already reached the border (such a window adds nothing but a
   smaller-context prediction); on Cityscapes (1024x2048, crop 801) the windows are UniMatch's exactly.
 
-    result = evaluate(model, val_batches, num_classes=21, mode="full", crop_size=321)
+    result = evaluate(model, val_batches, num_classes=21, mode="full", crop_size=321, ignore_index=255)
     result["miou"], result["iou_per_class"], result["pixel_acc"]
 """
 
@@ -114,7 +114,7 @@ def evaluate(
     num_classes: int,
     mode: str,
     crop_size: int,
-    ignore_index: int = 255,
+    ignore_index: int,
 ) -> dict:
     """Scores a model on validation batches; with torch.distributed, every process passes its own shard and all
     get the global result.

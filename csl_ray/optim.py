@@ -15,7 +15,7 @@ from csl_ray.config import Config
 from csl_ray.model import unwrap
 
 
-def poly_lr(step: int, total: int, base_lr: float, power: float = 0.9) -> float:
+def poly_lr(step: int, total: int, base_lr: float, power: float) -> float:
     """`base_lr * (1 - step/total) ** power`; `step` is clamped to [0, total], so the rate ends at 0."""
     progress = min(max(step, 0), total) / total
     return base_lr * (1.0 - progress) ** power

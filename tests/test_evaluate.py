@@ -42,7 +42,7 @@ def batches(n=3, h=20, w=28, seed=0):
 
 @pytest.mark.parametrize("mode", ["full", "center_crop", "sliding_window"])
 def test_perfect_prediction_scores_100(mode):
-    result = evaluate(Oracle(), batches(), num_classes=C, mode=mode, crop_size=12)
+    result = evaluate(Oracle(), batches(), num_classes=C, mode=mode, crop_size=12, ignore_index=255)
     assert result["miou"] == pytest.approx(100.0)
     assert result["pixel_acc"] == pytest.approx(100.0)
     assert result["iou_per_class"] == pytest.approx([100.0] * C)
@@ -53,7 +53,7 @@ def test_ignore_pixels_never_count():
     for batch in data:
         batch["mask"][:, :5] = 255  # the oracle predicts class 0 there, which is wrong wherever the image says so
         batch["image"][:, 0, :5] = 3 * STEP
-    result = evaluate(Oracle(), data, num_classes=C, mode="full", crop_size=12)
+    result = evaluate(Oracle(), data, num_classes=C, mode="full", crop_size=12, ignore_index=255)
     assert result["miou"] == pytest.approx(100.0)
 
 
@@ -62,7 +62,7 @@ def test_absent_class_is_nan_not_zero():
     for batch in data:
         batch["mask"].clamp_(max=C - 2)
         batch["image"] = painted(batch["mask"])
-    result = evaluate(Oracle(), data, num_classes=C, mode="full", crop_size=12)
+    result = evaluate(Oracle(), data, num_classes=C, mode="full", crop_size=12, ignore_index=255)
     assert math.isnan(result["iou_per_class"][-1])
     assert result["miou"] == pytest.approx(100.0)
 
@@ -75,7 +75,10 @@ def test_modes_agree_when_the_crop_covers_the_image():
     for mode in ("center_crop", "sliding_window"):
         assert torch.allclose(predict(model, image, mode=mode, crop_size=23), full, atol=1e-6)
     data = [{"image": image[:1], "mask": torch.randint(0, C, (1, 17, 23))}]
-    scores = [evaluate(model, data, num_classes=C, mode=m, crop_size=30)["miou"] for m in ("full", "center_crop")]
+    scores = [
+        evaluate(model, data, num_classes=C, mode=m, crop_size=30, ignore_index=255)["miou"]
+        for m in ("full", "center_crop")
+    ]
     assert scores[0] == pytest.approx(scores[1])
 
 
@@ -100,18 +103,20 @@ def test_center_crop_scores_only_the_crop():
     image = painted(mask)
     image[:, 0, :, :5] = (((mask[:, :, :5] + 1) % C) * STEP).to(torch.uint8)  # wrong outside the central 20x20
     data = [{"image": image, "mask": mask}]
-    assert evaluate(Oracle(), data, num_classes=C, mode="center_crop", crop_size=20)["miou"] == pytest.approx(100.0)
-    assert evaluate(Oracle(), data, num_classes=C, mode="full", crop_size=20)["miou"] < 100.0
+    assert evaluate(Oracle(), data, num_classes=C, mode="center_crop", crop_size=20, ignore_index=255)[
+        "miou"
+    ] == pytest.approx(100.0)
+    assert evaluate(Oracle(), data, num_classes=C, mode="full", crop_size=20, ignore_index=255)["miou"] < 100.0
     assert center_crop(mask, 20).shape == (1, 20, 20)
     assert center_crop(mask, 40).shape == (1, 20, 30)
 
 
 def test_model_mode_is_restored_and_bad_mode_rejected():
     model = Oracle().train()
-    evaluate(model, batches(1), num_classes=C, mode="full", crop_size=8)
+    evaluate(model, batches(1), num_classes=C, mode="full", crop_size=8, ignore_index=255)
     assert model.training
     with pytest.raises(ValueError, match="eval mode"):
-        evaluate(model, [], num_classes=C, mode="whole", crop_size=8)
+        evaluate(model, [], num_classes=C, mode="whole", crop_size=8, ignore_index=255)
 
 
 def test_pseudo_label_panels_show_selection_correctness_and_the_tmp_view():

@@ -60,7 +60,7 @@ def test_poly_lr_is_applied_per_iteration():
     labeled, _ = synthetic_batch()
     for step in range(3):
         metrics = loop.train_step(labeled)
-        assert metrics["lr"] == pytest.approx(poly_lr(step, 10, 0.01))
+        assert metrics["lr"] == pytest.approx(poly_lr(step, 10, 0.01, cfg.optim.poly_power))
         backbone, head = loop.optimizer.param_groups
         assert head["lr"] == pytest.approx(10 * backbone["lr"])
     assert set(metrics) == {"loss", "loss_x", "lr", "step", "skipped"} and loop.step == 3

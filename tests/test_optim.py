@@ -9,12 +9,12 @@ from csl_ray.optim import build_optimizer, poly_lr, set_lr
 
 
 def test_poly_lr_endpoints_and_monotonicity():
-    assert poly_lr(0, 100, 0.01) == 0.01
-    assert poly_lr(100, 100, 0.01) == 0.0
-    assert poly_lr(150, 100, 0.01) == 0.0  # past the end: clamped, not complex
+    assert poly_lr(0, 100, 0.01, 0.9) == 0.01
+    assert poly_lr(100, 100, 0.01, 0.9) == 0.0
+    assert poly_lr(150, 100, 0.01, 0.9) == 0.0  # past the end: clamped, not complex
     assert poly_lr(50, 100, 0.01, power=1.0) == pytest.approx(0.005)
     assert poly_lr(50, 100, 0.01, power=0.9) == pytest.approx(0.01 * 0.5**0.9)
-    values = [poly_lr(s, 1000, 1.0) for s in range(1001)]
+    values = [poly_lr(s, 1000, 1.0, 0.9) for s in range(1001)]
     assert all(a > b for a, b in zip(values, values[1:], strict=False))
 
 
