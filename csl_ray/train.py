@@ -575,7 +575,7 @@ def build_trainer(
 
 def with_iterations(cfg: Config) -> Config:
     """`cfg` with train.iterations set, from train.epochs and the dataset's unlabelled rows when it is unset."""
-    return resolve_iterations(cfg, read_manifest(dataset_root(cfg))["splits"]["unlabeled"])
+    return resolve_iterations(cfg, read_manifest(dataset_root(cfg))["splits"].get("unlabeled", 0))
 
 
 def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
