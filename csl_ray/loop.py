@@ -18,6 +18,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from inspect import signature
 from typing import Any
 
 import numpy as np
@@ -143,10 +144,14 @@ class TrainLoop:
             nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
             if device_ids is None:
                 device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-        # With SyncBatchNorm the statistics are already equal on every rank: no buffer sync per forward.
-        self.model = nn.parallel.DistributedDataParallel(
-            self.student, device_ids=device_ids, forward_sync_buffers=not cuda
+        # With SyncBatchNorm the statistics are already equal on every rank: no buffer sync per forward. torch 2.13
+        # renamed broadcast_buffers to forward_sync_buffers; the GPU machines run torch 2.11, which has only the old
+        # name (with it, False also skips the buffers' broadcast at wrap time: every rank built them from one seed).
+        ddp = nn.parallel.DistributedDataParallel
+        sync_buffers = (
+            "forward_sync_buffers" if "forward_sync_buffers" in signature(ddp).parameters else "broadcast_buffers"
         )
+        self.model = ddp(self.student, device_ids=device_ids, **{sync_buffers: not cuda})
         self._broadcast_buffers_for_eval = not cuda
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
