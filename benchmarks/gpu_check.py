@@ -255,7 +255,7 @@ def time_step(settings: Settings, device: torch.device, precision: str, compile_
         "setting": (
             f"{cfg.model.backbone} OS{cfg.model.output_stride}, crop {cfg.data.crop_size}, {batch} labelled + "
             f"{2 * batch} unlabelled rows, {cfg.data.num_classes} classes, {cfg.ssl.teacher.kind} teacher, "
-            f"{cfg.ssl.selector.kind} selector"
+            f"{cfg.ssl.selector.kind} selector, {'bf16 autocast' if loop.autocast else 'fp32'}"
         ),
         "warmup_seconds": warmup_seconds,
         "seconds_per_iteration": statistics.median(seconds),
@@ -366,7 +366,7 @@ def check_end_to_end(settings: Settings, device: torch.device, workdir: Path) ->
             f"{cfg.model.backbone} OS{cfg.model.output_stride}, crop {cfg.data.crop_size}, built-in dataset at "
             f"{settings.image_size} px ({labeled_rows} / {unlabeled_rows} / {val_rows} images), "
             f"{cfg.data.global_batch_size} labelled + {2 * cfg.data.global_batch_size} unlabelled rows, "
-            f"precision {cfg.train.precision}"
+            f"{'bf16 autocast' if loop.autocast else 'fp32'}"
         ),
         "iterations": iterations,
         "batchnorm_layers": batchnorms,
