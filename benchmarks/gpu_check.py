@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +48,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from benchmarks.selector import agreement, machine_description, make_inputs, peak_extra_mib, released_select
+from benchmarks.selector import (
+    agreement,
+    contenders,
+    machine_description,
+    make_inputs,
+    peak_extra_mib,
+    released_select,
+    time_methods,
+)
 from benchmarks.step import synthetic_batches
 from csl_ray.config import load_config
 from csl_ray.data.builtin import ensure_builtin_dataset
 from csl_ray.data.pipeline import dataset_root, iter_local
 from csl_ray.loop import TrainLoop
-from csl_ray.selection import csl_select, threshold_select
+from csl_ray.selection import csl_select
 from csl_ray.step import PhaseTimer
 
 SECTIONS = ("selector", "step", "end_to_end")
@@ -148,32 +155,14 @@ def _peak_gib(device: torch.device) -> float | None:
 # --------------------------------------------------------------------------------------------------- selector
 
 
-def contenders(probs: torch.Tensor, valid: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The three selectors of the comparison, bound to one batch."""
-    return {
-        "csl": lambda: csl_select(probs, valid),
-        "released": lambda: released_select(probs, valid),
-        "threshold": lambda: threshold_select(probs, valid),
-    }
-
-
 def check_selector(settings: Settings, device: torch.device) -> dict[str, Any]:
     """Times csl / released / threshold on the same inputs and compares their weights (section 1)."""
     where = str(device)
     sizes = []
     for number, (n, c, side) in enumerate(settings.selector_sizes):
         probs, valid = make_inputs(n, c, side, where)
-        methods = contenders(probs, valid)
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        for fn in methods.values():
-            fn()
-        for _ in range(settings.selector_repeats):
-            for name, fn in methods.items():
-                _sync(device)
-                start = time.perf_counter()
-                fn()
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
+        methods = {k: fn for k, fn in contenders(probs, valid).items() if k in ("csl", "released", "threshold")}
+        times = time_methods(methods, settings.selector_repeats, where)
         ours = csl_select(probs, valid)
         entry: dict[str, Any] = {
             "shape": [n, c, side, side],
@@ -314,8 +303,6 @@ def check_end_to_end(settings: Settings, device: torch.device, workdir: Path) ->
     )
     dataset_root(cfg)  # checks the classes against the manifest
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     dist.init_process_group(backend, store=dist.FileStore(str(workdir / "store"), 1), rank=0, world_size=1)
     try:
         loop = TrainLoop(cfg, device, rank=0, world_size=1)
@@ -461,6 +448,8 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 def run(settings: Settings, device: torch.device, sections: list[str], compile_student: bool) -> dict[str, Any]:
     """Runs the sections in order; an error in one is recorded and the next still runs."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # so that calls without a device (memory statistics, nccl) mean this one
     results: dict[str, Any] = {
         "machine": machine_description(str(device)),
         "device": str(device),

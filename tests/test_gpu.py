@@ -1,6 +1,7 @@
 """The CUDA path: bf16 autocast in the step, SyncBatchNorm under DDP, the selector on CUDA vs CPU.
 
-Marked `gpu` and skipped without CUDA: `python -m pytest -m gpu` on a GPU machine (benchmarks/README.md, "GPU check").
+Marked `gpu` and skipped without CUDA. On a GPU machine without Ray: `python -m pytest -m gpu tests/test_gpu.py`
+(naming the file keeps pytest from importing the Ray tests; benchmarks/README.md, "GPU check").
 """
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from test_step import C, S, synthetic_batch
 from torch import nn
 
+from benchmarks.selector import make_inputs
 from csl_ray.config import load_config
 from csl_ray.loop import TrainLoop
 from csl_ray.selection import csl_select, threshold_select
@@ -66,13 +68,13 @@ def test_bf16_autocast_step_gives_a_finite_loss_and_changes_the_weights():
 def test_wrap_ddp_converts_batchnorm_to_syncbatchnorm_in_place(process_group):
     loop = TrainLoop(small_cfg(), "cuda")
     batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in loop.student.modules())
-    params = [id(p) for p in loop.student.parameters()]
+    params = {id(p) for p in loop.student.parameters()}
     loop.wrap_ddp()
     assert isinstance(loop.model, nn.parallel.DistributedDataParallel)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in loop.student.modules()) == batchnorms > 0
     assert not any(isinstance(m, nn.BatchNorm2d) for m in loop.student.modules())
     # The optimiser and the self teacher still hold the student's own tensors.
-    assert [id(p) for group in loop.optimizer.param_groups for p in group["params"]] == params
+    assert {id(p) for group in loop.optimizer.param_groups for p in group["params"]} == params
     assert loop.teacher.student is loop.student
     sync_bn = next(m for m in loop.student.modules() if isinstance(m, nn.SyncBatchNorm))
     running_mean = sync_bn.running_mean.clone()
@@ -103,24 +105,15 @@ def test_syncbatchnorm_cross_process_path_matches_batchnorm(process_group):
     plain = F.batch_norm(x, *stats_plain, weight, bias, training=True, momentum=0.1, eps=1e-5)
     grads_plain = torch.autograd.grad(plain, (x, weight, bias), upstream)
 
-    torch.testing.assert_close(synced, plain)
-    for a, b in zip(grads_sync, grads_plain, strict=True):
-        torch.testing.assert_close(a, b)
-    for a, b in zip(stats_sync, stats_plain, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def random_probs(n, c, size, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, c, size, size, generator=gen, dtype=torch.float64)
-    temperature = torch.empty(n, 1, size, size, dtype=torch.float64).uniform_(0.3, 8.0, generator=gen)
-    valid = torch.rand(n, size, size, generator=gen) < 0.9
-    return (logits * temperature).softmax(dim=1).to(dtype), valid
+    # Different kernels reduce in different orders: float32 agreement, not bitwise.
+    for a, b in zip([synced, *grads_sync, *stats_sync], [plain, *grads_plain, *stats_plain], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_csl_select_on_cuda_matches_cpu(dtype):
-    probs, valid = random_probs(4, 21, 97, dtype)
+    probs, valid = make_inputs(4, 21, 97, "cpu")
+    probs = probs.to(dtype)
     on_cpu = csl_select(probs, valid)
     on_cuda = csl_select(probs.cuda(), valid.cuda())
     assert torch.equal(on_cuda.labels.cpu(), on_cpu.labels)
@@ -137,7 +130,7 @@ def test_csl_select_on_cuda_matches_cpu(dtype):
 
 
 def test_threshold_select_on_cuda_matches_cpu():
-    probs, valid = random_probs(2, 19, 64, torch.float32, seed=1)
+    probs, valid = make_inputs(2, 19, 64, "cpu", seed=1)
     on_cpu, on_cuda = threshold_select(probs, valid), threshold_select(probs.cuda(), valid.cuda())
     assert torch.equal(on_cuda.weights.cpu(), on_cpu.weights)
     assert torch.equal(on_cuda.labels.cpu(), on_cpu.labels)
