@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from benchmarks.selector import (
+    CSL,
     agreement,
     contenders,
     machine_description,
@@ -62,7 +63,6 @@ from csl_ray.config import load_config
 from csl_ray.data.builtin import ensure_builtin_dataset
 from csl_ray.data.pipeline import dataset_root, iter_local
 from csl_ray.loop import TrainLoop
-from csl_ray.selection import csl_select
 from csl_ray.step import PhaseTimer
 
 SECTIONS = ("selector", "step", "end_to_end")
@@ -163,7 +163,7 @@ def check_selector(settings: Settings, device: torch.device) -> dict[str, Any]:
         probs, valid = make_inputs(n, c, side, where)
         methods = {k: fn for k, fn in contenders(probs, valid).items() if k in ("csl", "released", "threshold")}
         times = time_methods(methods, settings.selector_repeats, where)
-        ours = csl_select(probs, valid)
+        ours = CSL(probs, valid)
         entry: dict[str, Any] = {
             "shape": [n, c, side, side],
             "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
@@ -181,7 +181,7 @@ def check_selector(settings: Settings, device: torch.device) -> dict[str, Any]:
 
 def cuda_vs_cpu(on_cuda: Any, probs: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
     """How far `csl_select` on CUDA is from the same call on CPU; raises CheckFailed beyond the limits."""
-    on_cpu = csl_select(probs.cpu(), valid.cpu())
+    on_cpu = CSL(probs.cpu(), valid.cpu())
     diff = (on_cuda.weights.cpu() - on_cpu.weights).abs()
     result = {
         "max_abs_weight_diff": float(diff.max()),

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from test_step import C, S, synthetic_batch
 from torch import nn
 
-from benchmarks.selector import make_inputs
+from benchmarks.selector import CSL, THRESHOLD, make_inputs
 from csl_ray.config import load_config
 from csl_ray.loop import TrainLoop
-from csl_ray.selection import csl_select, threshold_select
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -114,8 +113,8 @@ def test_syncbatchnorm_cross_process_path_matches_batchnorm(process_group):
 def test_csl_select_on_cuda_matches_cpu(dtype):
     probs, valid = make_inputs(4, 21, 97, "cpu")
     probs = probs.to(dtype)
-    on_cpu = csl_select(probs, valid)
-    on_cuda = csl_select(probs.cuda(), valid.cuda())
+    on_cpu = CSL(probs, valid)  # the csl selector with the config's defaults
+    on_cuda = CSL(probs.cuda(), valid.cuda())
     assert torch.equal(on_cuda.labels.cpu(), on_cpu.labels)
     assert torch.equal(on_cuda.confidence.cpu(), on_cpu.confidence)
     diff = (on_cuda.weights.cpu() - on_cpu.weights).abs()
@@ -131,6 +130,6 @@ def test_csl_select_on_cuda_matches_cpu(dtype):
 
 def test_threshold_select_on_cuda_matches_cpu():
     probs, valid = make_inputs(2, 19, 64, "cpu", seed=1)
-    on_cpu, on_cuda = threshold_select(probs, valid), threshold_select(probs.cuda(), valid.cuda())
+    on_cpu, on_cuda = THRESHOLD(probs, valid), THRESHOLD(probs.cuda(), valid.cuda())
     assert torch.equal(on_cuda.weights.cpu(), on_cpu.weights)
     assert torch.equal(on_cuda.labels.cpu(), on_cpu.labels)
