@@ -7,17 +7,15 @@ import math
 import torch
 import torchvision.transforms.v2.functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images [N, 3, H, W] (or [3, H, W]) -> float32 normalised with ImageNet mean/std, on their device.
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] (or [3, H, W]) -> float32 `(x / 255 - mean) / std`, on their device.
 
     Batches travel as uint8 (4x less object-store traffic than float) and are normalised on the training device.
+
+    Args:
+        mean, std: float [3, 1, 1] per-channel statistics of [0, 1] pixels (the backbone's, see csl_ray.weights).
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(-1, 1, 1)
     return (images.float() / 255.0 - mean) / std
 
 

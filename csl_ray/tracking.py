@@ -278,16 +278,16 @@ def pseudo_label_panels(
     """
     import torch
 
-    from csl_ray.augment import IMAGENET_MEAN
     from csl_ray.evaluate import predict
     from csl_ray.masking import apply_tmp
+    from csl_ray.model import unwrap
 
     probs = predict(model, batch["image_weak"], mode="full", crop_size=batch["image_weak"].shape[-1])
     valid = batch["valid"].to(probs.device)
     selection = selector(probs, valid)
     labels, weights, reliable = selection.labels.cpu(), selection.weights.float().cpu(), selection.reliable.cpu()
     # The step's own masking on mean-centred pixels: its 0 is the dataset mean, as a normalised 0 is.
-    mean_rgb = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.int16).view(3, 1, 1)
+    mean_rgb = (255 * unwrap(model).pixel_mean.cpu()).round().to(torch.int16)
     centred = batch["image_masked"].cpu().to(torch.int16) - mean_rgb
     masked = (apply_tmp(centred, batch["tmp_cells"].cpu(), reliable) + mean_rgb).to(torch.uint8)
     truth = batch["mask"].cpu() if "mask" in batch else torch.full_like(labels, ignore_index)

@@ -17,13 +17,12 @@ def paired(height: int = 12, width: int = 10) -> tuple[torch.Tensor, torch.Tenso
     return image, mask
 
 
-def test_normalize_matches_imagenet_stats():
-    images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    out = normalize(images)
-    assert out.dtype == torch.float32
-    assert torch.allclose(
-        out[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
-    )
+def test_normalize_uses_the_given_stats_per_channel():
+    images = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    mean, std = torch.tensor([0.5, 0.5, 0.1]).view(3, 1, 1), torch.tensor([0.5, 0.25, 0.2]).view(3, 1, 1)
+    out = normalize(images, mean, std)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 4, 4)
+    assert torch.allclose(out[1, :, 3, 2], torch.tensor([-1.0, 2.0, 0.5]))
 
 
 def test_resize_crop_flip_pads_with_zero_ignore_and_invalid():

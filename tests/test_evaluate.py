@@ -4,11 +4,18 @@ import pytest
 import torch
 from torch import nn
 
-from csl_ray.augment import IMAGENET_MEAN, IMAGENET_STD
 from csl_ray.evaluate import center_crop, evaluate, predict, window_starts
 
 C = 4
 STEP = 50  # the red channel of a test image holds class * STEP
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)  # deliberately not ImageNet's: the model's own buffers must be used
+
+
+def with_pixel_stats(model: nn.Module) -> nn.Module:
+    """Gives a test model the `pixel_mean` / `pixel_std` buffers that evaluation normalises with."""
+    model.register_buffer("pixel_mean", torch.tensor(MEAN).view(3, 1, 1))
+    model.register_buffer("pixel_std", torch.tensor(STD).view(3, 1, 1))
+    return model
 
 
 class Oracle(nn.Module):
@@ -17,9 +24,10 @@ class Oracle(nn.Module):
     def __init__(self):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+        with_pixel_stats(self)
 
     def forward(self, x):
-        red = (x[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+        red = (x[:, 0] * STD[0] + MEAN[0]) * 255
         cls = (red / STEP).round().long().clamp(0, C - 1)
         return nn.functional.one_hot(cls, C).permute(0, 3, 1, 2).float() * 10 + self.anchor
 
@@ -69,7 +77,9 @@ def test_absent_class_is_nan_not_zero():
 
 def test_modes_agree_when_the_crop_covers_the_image():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, C, 3, padding=1))
+    model = with_pixel_stats(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, C, 3, padding=1))
+    )
     image = torch.randint(0, 256, (2, 3, 17, 23), dtype=torch.uint8)
     full = predict(model, image, mode="full", crop_size=23)
     for mode in ("center_crop", "sliding_window"):
@@ -85,7 +95,7 @@ def test_modes_agree_when_the_crop_covers_the_image():
 def test_sliding_window_averages_overlaps():
     # A per-pixel model is context free, so averaging overlapping windows must reproduce the full-image softmax.
     torch.manual_seed(0)
-    model = nn.Conv2d(3, C, 1)
+    model = with_pixel_stats(nn.Conv2d(3, C, 1))
     image = torch.randint(0, 256, (1, 3, 25, 31), dtype=torch.uint8)
     sliding = predict(model, image, mode="sliding_window", crop_size=9)
     assert torch.allclose(sliding, predict(model, image, mode="full", crop_size=9), atol=1e-6)
@@ -137,7 +147,7 @@ def test_pseudo_label_panels_show_selection_correctness_and_the_tmp_view():
         Oracle(), batch, selector=lambda p, v: threshold_select(p, v, threshold=0.5), num_classes=C
     )
     assert len(rows) == 2 and all(list(r) == list(PSEUDO_LABEL_COLUMNS) for r in rows)
-    mean_rgb = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
+    mean_rgb = torch.tensor([round(255 * m) for m in MEAN], dtype=torch.uint8)
     for i, row in enumerate(rows):
         status, view = torch.from_numpy(row["reliable"]), torch.from_numpy(row["TMP view"])
         assert (status[:3, :][valid[i, :3]] == torch.tensor([230, 50, 50], dtype=torch.uint8)).all()  # wrong

@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csl_ray.augment import normalize
 from csl_ray.config import load_config
 from csl_ray.masking import cutmix_box, tmp_cells
-from csl_ray.model import DeepLabV3Plus
+from csl_ray.model import DeepLabV3Plus, normalize_input
 from csl_ray.selection import Selection, build_selector, none_select, threshold_select
 from csl_ray.step import (
     LossWeights,
@@ -84,6 +83,8 @@ class Spy(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.conv = nn.Conv2d(3, C, 1)
+        self.register_buffer("pixel_mean", torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1))
         self.nan = nan
         self.calls = []
 
@@ -102,6 +103,8 @@ class TinySegNet(nn.Module):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
         self.classifier = nn.Conv2d(16, C, 1)
+        self.register_buffer("pixel_mean", torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1))
 
     def forward(self, x, need_fp=False):
         features = self.features(x)
@@ -195,7 +198,7 @@ def test_tmp_zeroes_only_reliable_on_cell_pixels():
     zeroed = main["tmp_cells"] & reliable
     assert zeroed.any() and (main["tmp_cells"] & ~reliable).any()  # the test exercises both cases
     assert (x_m.permute(1, 0, 2, 3)[:, zeroed] == 0).all()
-    untouched = normalize(main["image_masked"])
+    untouched = normalize_input(student, main["image_masked"])
     assert torch.equal(x_m.permute(1, 0, 2, 3)[:, ~zeroed], untouched.permute(1, 0, 2, 3)[:, ~zeroed])
 
 
@@ -205,7 +208,11 @@ def test_strong_view_is_cutmixed_with_the_partner():
     run_step(student, unlabeled=unlabeled)
     x_s = student.calls[-1][0][:B]
     main, mix = halves(unlabeled)
-    expected = torch.where(main["cutmix_box"][:, None], normalize(mix["image_strong"]), normalize(main["image_strong"]))
+    expected = torch.where(
+        main["cutmix_box"][:, None],
+        normalize_input(student, mix["image_strong"]),
+        normalize_input(student, main["image_strong"]),
+    )
     assert main["cutmix_box"].any() and torch.equal(x_s, expected)
 
 
@@ -217,11 +224,11 @@ def test_self_teacher_uses_the_training_forward_and_predicts_the_partner_in_its_
     run_step(student, teacher=SelfTeacher(student, partner_pass), selector=selector, unlabeled=unlabeled)
     (mix_input, mix_fp, mix_training), (joint, joint_fp, joint_training) = student.calls[:2]
     main, mix = halves(unlabeled)
-    assert torch.equal(mix_input, normalize(mix["image_weak"])) and not mix_fp
+    assert torch.equal(mix_input, normalize_input(student, mix["image_weak"])) and not mix_fp
     assert mix_training == (partner_pass == "train")
-    assert joint_fp and joint_training and torch.equal(joint[B:], normalize(main["image_weak"]))
+    assert joint_fp and joint_training and torch.equal(joint[B:], normalize_input(student, main["image_weak"]))
     with torch.no_grad():
-        weak_probs = student.conv(normalize(main["image_weak"])).softmax(1)
+        weak_probs = student.conv(normalize_input(student, main["image_weak"])).softmax(1)
     assert torch.allclose(selector.probs[:B], weak_probs, atol=1e-6)
 
 
@@ -235,7 +242,7 @@ def test_ema_teacher_gives_both_predictions():
     out = run_step(student, teacher=teacher, selector=selector, unlabeled=unlabeled)
     assert torch.isfinite(out.loss)
     main, mix = halves(unlabeled)
-    expected = teacher.predict(normalize(torch.cat((main["image_weak"], mix["image_weak"]))))
+    expected = teacher.predict(normalize_input(student, torch.cat((main["image_weak"], mix["image_weak"]))))
     assert torch.allclose(selector.probs, expected, atol=1e-5)
 
 
@@ -255,7 +262,9 @@ def test_unlabeled_losses_divide_by_valid_pixels():
     x_m = student.calls[-1][0][B:]
     with torch.no_grad():
         logits = student.conv(x_m)
-        labels = student.conv(normalize(main["image_weak"])).argmax(1)  # pseudo-labels come from the weak view
+        labels = student.conv(normalize_input(student, main["image_weak"])).argmax(
+            1
+        )  # pseudo-labels come from the weak view
     ce = F.cross_entropy(logits, labels, reduction="none")
     valid = main["valid"]
     expected = ce[valid & top].sum() / valid.sum()
@@ -382,7 +391,10 @@ def test_released_bn_stats_change_only_through_the_labelled_and_weak_pass(partne
     twin = copy.deepcopy(student)
     run_step(student, teacher=SelfTeacher(student, partner_pass), labeled=labeled, unlabeled=unlabeled)
     with torch.no_grad():
-        twin(torch.cat((normalize(labeled["image"]), normalize(main["image_weak"]))), need_fp=True)
+        twin(
+            torch.cat((normalize_input(student, labeled["image"]), normalize_input(student, main["image_weak"]))),
+            need_fp=True,
+        )
     after, expected = running_stats(student), running_stats(twin)
     assert all(torch.equal(after[k], expected[k]) for k in expected)
 

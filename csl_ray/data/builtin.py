@@ -1,27 +1,30 @@
 """The built-in tiny dataset: procedurally drawn scenes of textured objects, deterministic from a seed.
 
-Five object classes plus background, each a conjunction of a shape and a texture, drawn from a colour palette that
-every class shares, so neither colour nor texture nor shape alone identifies a class:
+Five object classes plus background. A class is a texture drawn in one of two colour families, and every colour
+family is shared by two classes, so neither colour nor texture alone identifies a class; shape carries nothing:
 
-| id | class | shape | texture |
+| id | class | texture | colour families |
 |---|---|---|---|
-| 1 | striped_disc | disc | stripes |
-| 2 | checkered_square | square | checkerboard |
-| 3 | dotted_triangle | triangle | dot lattice |
-| 4 | noisy_ellipse | elongated ellipse | fine noise |
-| 5 | striped_square | square | stripes (shared with 1; shape shared with 2) |
+| 1 | striped | parallel stripes | red, blue |
+| 2 | checkered | checkerboard | blue, green |
+| 3 | dotted | dot lattice | green, yellow |
+| 4 | speckled | fine random speckle | yellow, purple |
+| 5 | ringed | concentric rings | purple, red |
 
-Background distractors reuse the same shapes and textures in the other combinations (checkered discs, dotted
-squares, striped ellipses, plain shapes); the background itself is a gradient, low-frequency blotches or a faint
-large-scale texture. Objects vary in scale (about 6-30 px radius on 96 px), rotation and texture period, occlude one
-another, and thin bars occlude them; illumination gradients, pixel noise and occasional blur finish the image. A
-supervised model on a few dozen of these images is far from perfect, which leaves room for unlabelled data to help.
+Background distractors are shapes filled plain or with a smooth gradient in the same colour families, and shapes
+with the class textures in greys; the background itself is a low-saturation gradient, low-frequency blotches or a
+faint large-scale texture. Objects (discs, squares, triangles, ellipses) vary in scale (about 8-29 px radius on
+96 px), rotation, shade, hue and texture period, occlude one another, and thin bars occlude them; a colour cast,
+illumination gradients, pixel noise and occasional blur finish the image. A pretrained backbone learns the classes
+from a few dozen labelled scenes in a few hundred iterations, but not all of their variety, which leaves room for
+unlabelled data (measured in benchmarks/README.md, Quality).
 
     root = ensure_builtin_dataset("~/.cache/csl-ray/builtin", seed=0)   # written once, then reused
 """
 
 from __future__ import annotations
 
+import colorsys
 import io
 import os
 from collections.abc import Iterator
@@ -32,29 +35,32 @@ from PIL import Image, ImageFilter
 
 from csl_ray.data.shards import MANIFEST, Record, encode_mask, read_manifest, write_dataset
 
-CLASS_NAMES = ("background", "striped_disc", "checkered_square", "dotted_triangle", "noisy_ellipse", "striped_square")
-_CLASS_LOOK = {1: ("disc", "stripes"), 2: ("square", "checker"), 3: ("triangle", "dots"),
-               4: ("ellipse", "noise"), 5: ("square", "stripes")}  # fmt: skip
-_DISTRACTOR_LOOK = (("disc", "checker"), ("square", "dots"), ("ellipse", "stripes"), ("triangle", "checker"),
-                    ("disc", "plain"), ("square", "plain"), ("triangle", "plain"), ("ellipse", "dots"))  # fmt: skip
-# Shared by every class and the background, so colour carries no class information.
-_PALETTE = np.array(
-    [[220, 60, 50], [60, 170, 70], [50, 90, 210], [230, 200, 60], [150, 70, 180],
-     [60, 190, 200], [240, 140, 40], [235, 235, 235], [40, 40, 45], [140, 110, 80]],
-    dtype=np.float32,
-)  # fmt: skip
+CLASS_NAMES = ("background", "striped", "checkered", "dotted", "speckled", "ringed")
+_HUES = {"red": 0.0, "yellow": 0.15, "green": 0.33, "blue": 0.6, "purple": 0.8}  # HSV hue of each colour family
+_CLASS_LOOK = {1: ("stripes", ("red", "blue")), 2: ("checker", ("blue", "green")),
+               3: ("dots", ("green", "yellow")), 4: ("speckle", ("yellow", "purple")),
+               5: ("rings", ("purple", "red"))}  # fmt: skip
+_SHAPES = ("disc", "square", "triangle", "ellipse")
 _SPLIT_STREAMS = {"labeled": 1, "unlabeled": 2, "val": 3}
-FORMAT_TAG = "v1"
+FORMAT_TAG = "v2"
 """Bump when the drawing changes, so stale caches are not reused."""
 
 
-def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Two palette colours different enough in luminance for the texture to be visible."""
-    luminance = _PALETTE @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    while True:
-        a, b = rng.choice(len(_PALETTE), 2, replace=False)
-        if abs(luminance[a] - luminance[b]) > 40:
-            return _PALETTE[a], _PALETTE[b]
+def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value), dtype=np.float32) * 255
+
+
+def _family_colours(family: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A dark and a light shade of a colour family, hue jittered, so the texture shows in every shade."""
+    hue = _HUES[family] + rng.uniform(-0.04, 0.04)
+    saturation = rng.uniform(0.5, 0.95)
+    return _hsv(hue, saturation, rng.uniform(0.3, 0.55)), _hsv(hue, saturation * 0.8, rng.uniform(0.75, 1.0))
+
+
+def _greys(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return _hsv(rng.random(), rng.uniform(0.0, 0.12), rng.uniform(0.2, 0.45)), _hsv(
+        rng.random(), rng.uniform(0.0, 0.12), rng.uniform(0.65, 0.95)
+    )
 
 
 def _shape(kind: str, u: np.ndarray, v: np.ndarray, aspect: float) -> np.ndarray:
@@ -71,7 +77,8 @@ def _shape(kind: str, u: np.ndarray, v: np.ndarray, aspect: float) -> np.ndarray
 
 
 def _texture(kind: str, x: np.ndarray, y: np.ndarray, period: float, rng: np.random.Generator) -> np.ndarray:
-    """Mix weight in [0, 1] between an object's two colours, in pixel coordinates of a rotated texture frame."""
+    """Mix weight in [0, 1] between an object's two colours, in pixel coordinates of a rotated texture frame
+    centred on the object."""
     if kind == "stripes":
         return (np.sin(2 * np.pi * x / period) > 0).astype(np.float32)
     if kind == "checker":
@@ -80,38 +87,55 @@ def _texture(kind: str, x: np.ndarray, y: np.ndarray, period: float, rng: np.ran
         dx = x / period - np.round(x / period)
         dy = y / period - np.round(y / period)
         return (dx**2 + dy**2 < 0.09).astype(np.float32)
-    if kind == "noise":
+    if kind == "speckle":
         return (rng.random(x.shape) < 0.5).astype(np.float32)
+    if kind == "rings":
+        return (np.sin(2 * np.pi * np.hypot(x, y) / period) > 0).astype(np.float32)
+    if kind == "gradient":
+        return np.clip(0.5 + x / (4 * period), 0, 1).astype(np.float32)
     return np.zeros_like(x, dtype=np.float32)  # plain
 
 
 def _paint(
-    image: np.ndarray, mask: np.ndarray, label: int | None, look: tuple[str, str], rng: np.random.Generator
+    image: np.ndarray,
+    mask: np.ndarray,
+    label: int | None,
+    texture: str,
+    colours: tuple[np.ndarray, np.ndarray],
+    rng: np.random.Generator,
 ) -> None:
     """Draws one textured shape at a random place, scale and rotation; label None keeps the mask (a distractor)."""
     size = image.shape[0]
-    shape, texture = look
-    radius = rng.uniform(0.06, 0.3) * size
+    radius = rng.uniform(0.08, 0.3) * size
     cx, cy = rng.uniform(0.05, 0.95, 2) * size
     angle, texture_angle = rng.uniform(0, 2 * np.pi, 2)
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     dx, dy = xs - cx, ys - cy
     u = (dx * np.cos(angle) + dy * np.sin(angle)) / radius
     v = (-dx * np.sin(angle) + dy * np.cos(angle)) / radius
-    inside = _shape(shape, u, v, aspect=rng.uniform(1.4, 2.0))
+    inside = _shape(_SHAPES[rng.integers(len(_SHAPES))], u, v, aspect=rng.uniform(1.4, 2.0))
     tx = dx * np.cos(texture_angle) + dy * np.sin(texture_angle)
     ty = -dx * np.sin(texture_angle) + dy * np.cos(texture_angle)
     weight = _texture(texture, tx, ty, rng.uniform(2.5, 7.0), rng)[..., None]
-    first, second = _colour_pair(rng)
+    first, second = colours
     colour = first * (1 - weight) + second * weight
     image[inside] = colour[inside]
     if label is not None:
         mask[inside] = label
 
 
+def _distractor(rng: np.random.Generator) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
+    """A background object: a class colour without a texture, or a class texture without a colour."""
+    if rng.random() < 0.5:
+        family = list(_HUES)[rng.integers(len(_HUES))]
+        return ("plain", "gradient")[rng.integers(2)], _family_colours(family, rng)
+    return _CLASS_LOOK[int(rng.integers(1, 6))][0], _greys(rng)
+
+
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Gradient, low-frequency blotches, or a faint large texture (so texture alone cannot mean 'object')."""
-    first, second = _colour_pair(rng)
+    """Low-saturation gradient, blotches, or a faint large texture (so texture alone cannot mean 'object')."""
+    first = _hsv(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.9))
+    second = _hsv(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.9))
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
     style = rng.integers(3)
     if style == 0:
@@ -142,10 +166,14 @@ def draw_scene(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np
     layers += [None] * int(rng.integers(0, 3))
     for index in rng.permutation(len(layers)):  # later layers occlude earlier ones, distractors included
         label = layers[index]
-        look = _CLASS_LOOK[label] if label is not None else _DISTRACTOR_LOOK[rng.integers(len(_DISTRACTOR_LOOK))]
-        _paint(image, mask, label, look, rng)
+        if label is None:
+            texture, colours = _distractor(rng)
+        else:
+            texture, families = _CLASS_LOOK[label]
+            colours = _family_colours(families[rng.integers(2)], rng)
+        _paint(image, mask, label, texture, colours, rng)
     for _ in range(rng.integers(0, 3)):  # thin occluding bars
-        colour = _PALETTE[rng.integers(len(_PALETTE))]
+        colour = _greys(rng)[rng.integers(2)]
         horizontal, start, width = rng.integers(2), rng.integers(0, size), rng.integers(1, 4)
         region = (
             (slice(start, start + width), slice(None)) if horizontal else (slice(None), slice(start, start + width))
@@ -154,7 +182,8 @@ def draw_scene(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np
         mask[region] = 0
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
     light = 1.0 + rng.uniform(-0.3, 0.3) * (xs - 0.5) + rng.uniform(-0.3, 0.3) * (ys - 0.5)
-    image = image * light[..., None] * rng.uniform(0.75, 1.15) + rng.normal(0.0, rng.uniform(3, 12), image.shape)
+    cast = rng.uniform(0.85, 1.15, 3)  # a colour cast per image (white balance)
+    image = image * light[..., None] * cast * rng.uniform(0.75, 1.15) + rng.normal(0.0, rng.uniform(3, 12), image.shape)
     pixels = Image.fromarray(image.clip(0, 255).astype(np.uint8))
     if rng.random() < 0.3:
         pixels = pixels.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0)))

@@ -490,8 +490,8 @@ def plan_streams(cfg: Config, root: str, *, labeled_batch: int, start_iteration:
     subset = labeled_subset(
         root, fraction=cfg.data.labeled_fraction, list_path=cfg.data.labeled_list, split_seed=cfg.data.split_seed
     )
-    labeled = row_groups(root, "labeled", subset)
     unlabeled = row_groups(root, "unlabeled")
+    labeled = row_groups(root, "labeled", subset) + (unlabeled if cfg.data.oracle_labels else ())
     n_labeled = sum(len(g.rows) for g in labeled)
     n_unlabeled = sum(len(g.rows) for g in unlabeled)
     unlabeled_per_iteration = 2 * cfg.data.global_batch_size
