@@ -14,7 +14,7 @@ family is shared by two classes, so neither colour nor texture alone identifies 
 Background distractors are shapes filled plain or with a smooth gradient in the same colour families, and shapes
 with the class textures in greys; the background itself is a low-saturation gradient, low-frequency blotches or a
 faint large-scale texture. Objects (discs, squares, triangles, ellipses) vary in scale (about 8-29 px radius on
-96 px), rotation, shade, hue and texture period, occlude one another, and thin bars occlude them; a colour cast,
+96 px), rotation, shade, hue and texture period (4-9 px), occlude one another, and thin bars occlude them; a colour cast,
 illumination gradients, pixel noise and occasional blur finish the image. A pretrained backbone learns the classes
 from a few dozen labelled scenes in a few hundred iterations, but not all of their variety, which leaves room for
 unlabelled data (measured in benchmarks/README.md, Quality).
@@ -116,7 +116,7 @@ def _paint(
     inside = _shape(_SHAPES[rng.integers(len(_SHAPES))], u, v, aspect=rng.uniform(1.4, 2.0))
     tx = dx * np.cos(texture_angle) + dy * np.sin(texture_angle)
     ty = -dx * np.sin(texture_angle) + dy * np.cos(texture_angle)
-    weight = _texture(texture, tx, ty, rng.uniform(2.5, 7.0), rng)[..., None]
+    weight = _texture(texture, tx, ty, rng.uniform(4.0, 9.0), rng)[..., None]
     first, second = colours
     colour = first * (1 - weight) + second * weight
     image[inside] = colour[inside]
@@ -202,7 +202,7 @@ def ensure_builtin_dataset(
     cache_dir: str | os.PathLike,
     seed: int = 0,
     *,
-    num_labeled: int = 32,
+    num_labeled: int = 16,
     num_unlabeled: int = 512,
     num_val: int = 64,
     size: int = 96,
