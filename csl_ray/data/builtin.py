@@ -42,7 +42,7 @@ _CLASS_LOOK = {1: ("stripes", ("red", "blue")), 2: ("checker", ("blue", "green")
                5: ("rings", ("purple", "red"))}  # fmt: skip
 _SHAPES = ("disc", "square", "triangle", "ellipse")
 _SPLIT_STREAMS = {"labeled": 1, "unlabeled": 2, "val": 3}
-FORMAT_TAG = "v2"
+FORMAT_TAG = "v3"
 """Bump when the drawing changes, so stale caches are not reused."""
 
 
@@ -150,12 +150,14 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return first * (1 - weight[..., None]) + second * weight[..., None]
 
 
-def draw_scene(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+def draw_scene(rng: np.random.Generator, size: int = 96, include: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One scene.
 
     Args:
         rng: the only source of randomness.
         size: image side in pixels.
+        include: a class id drawn in the scene for sure (the labelled split cycles through the classes, so that a
+            small split shows each class in about as many scenes as the others, as curated label splits do).
 
     Returns:
         (image uint8 [size, size, 3], mask uint8 [size, size] with ids 0..5).
@@ -163,6 +165,8 @@ def draw_scene(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np
     image = _background(size, rng)
     mask = np.zeros((size, size), dtype=np.uint8)
     layers: list[int | None] = [int(c) for c in rng.integers(1, 6, rng.integers(1, 5))]
+    if include is not None:
+        layers[0] = include
     layers += [None] * int(rng.integers(0, 3))
     for index in rng.permutation(len(layers)):  # later layers occlude earlier ones, distractors included
         label = layers[index]
@@ -192,7 +196,8 @@ def draw_scene(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np
 
 def _records(seed: int, split: str, count: int, size: int) -> Iterator[Record]:
     for i in range(count):
-        image, mask = draw_scene(np.random.default_rng([seed, _SPLIT_STREAMS[split], i]), size)
+        include = 1 + i % (len(CLASS_NAMES) - 1) if split == "labeled" else None
+        image, mask = draw_scene(np.random.default_rng([seed, _SPLIT_STREAMS[split], i]), size, include)
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="JPEG", quality=90)
         yield Record(f"{split}-{i:05d}", buffer.getvalue(), encode_mask(mask), size, size)
