@@ -62,7 +62,7 @@ def test_poly_lr_is_applied_per_iteration():
         metrics = loop.train_step(labeled)
         assert metrics["lr"] == pytest.approx(poly_lr(step, 10, 0.01, cfg.optim.poly_power))
         backbone, head = loop.optimizer.param_groups
-        assert head["lr"] == pytest.approx(10 * backbone["lr"])
+        assert head["lr"] == pytest.approx(cfg.optim.lr_multi * backbone["lr"])
     assert set(metrics) == {"loss", "loss_x", "lr", "step", "skipped"} and loop.step == 3
 
 
