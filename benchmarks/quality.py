@@ -56,6 +56,13 @@ VARIANTS = {
     "csl_alpha2": ["ssl.selector.kind=csl", "ssl.selector.alpha=2"],
     "csl_no_tmp": ["ssl.selector.kind=csl", "ssl.tmp.enabled=false"],
     "csl_ema": ["ssl.selector.kind=csl", "ssl.teacher.kind=ema"],
+    # Recipe options beyond the released code (docs/method.md), for CSL and the threshold alike; the floor only
+    # changes soft weights, which the threshold has none of.
+    "csl_warmup": ["ssl.selector.kind=csl", "ssl.warmup_iterations=100"],
+    "threshold_warmup": ["ssl.selector.kind=threshold", "ssl.warmup_iterations=100"],
+    "csl_rampup": ["ssl.selector.kind=csl", "ssl.rampup_iterations=300"],
+    "threshold_rampup": ["ssl.selector.kind=threshold", "ssl.rampup_iterations=300"],
+    "csl_floor": ["ssl.selector.kind=csl", "ssl.selector.weight_floor=0.5"],
 }
 CURVES = ("selected_ratio", "pseudo_acc_selected", "pseudo_acc_rejected", "mean_weight")
 
