@@ -198,7 +198,9 @@ def report(runs: list[dict], out: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to run")
+    parser.add_argument(
+        "--methods", nargs="*", choices=list(METHODS), default=list(METHODS), help="methods to run (none: variants only)"
+    )
     parser.add_argument(
         "--variants", nargs="+", choices=[*VARIANTS, "all"], default=[], help="CSL variants / recipe options to run"
     )
