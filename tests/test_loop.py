@@ -68,7 +68,7 @@ def test_poly_lr_is_applied_per_iteration():
 
 def test_non_finite_loss_is_skipped_counted_and_leaves_no_trace():
     loop = TrainLoop(tiny_cfg(), "cpu")
-    first_conv = next(m for m in loop.student.modules() if isinstance(m, nn.Conv2d))
+    first_conv_name, first_conv = next((n, m) for n, m in loop.student.named_modules() if isinstance(m, nn.Conv2d))
     hook = first_conv.register_forward_hook(lambda module, inputs, output: output * float("nan"))
     before = {k: v.clone() for k, v in loop.student.state_dict().items()}
     metrics = loop.train_step(*synthetic_batch())
@@ -79,7 +79,7 @@ def test_non_finite_loss_is_skipped_counted_and_leaves_no_trace():
     hook.remove()
     metrics = loop.train_step(*synthetic_batch())
     assert metrics["skipped"] == 0.0 and loop.skipped_steps == 1
-    assert not torch.equal(first_conv.weight, before[next(k for k in before if k.endswith("conv1.weight"))])
+    assert not torch.equal(first_conv.weight, before[f"{first_conv_name}.weight"])
 
 
 def test_validate_tracks_the_best_miou():
