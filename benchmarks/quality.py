@@ -8,7 +8,7 @@ logged during training. Methods:
                    unlabelled data could fill
     threshold      FixMatch/UniMatch selection, w = 1[max prob >= 0.95]; TMP stays on (its "reliable" pixels are
                    then the confident ones), so that only the selector differs from `csl`
-    csl            the released CSL recipe
+    csl            the released CSL recipe (no warm-up, whatever the preset says)
 and VARIANTS (CSL with another residual rule, alpha, TMP off, an EMA teacher; the recipe options of docs/method.md
 for CSL and the threshold alike), run at one budget.
 
@@ -48,8 +48,8 @@ from csl_ray.loop import run_local
 METHODS = {
     "supervised": ["ssl.enabled=false"],
     "oracle": ["ssl.enabled=false", "data.oracle_labels=true"],
-    "threshold": ["ssl.selector.kind=threshold"],
-    "csl": ["ssl.selector.kind=csl"],
+    "threshold": ["ssl.selector.kind=threshold", "ssl.warmup_iterations=0"],
+    "csl": ["ssl.selector.kind=csl", "ssl.warmup_iterations=0"],
 }
 VARIANTS = {
     "csl_covar": ["ssl.selector.kind=csl", "ssl.selector.residual_rule=covar"],
