@@ -117,6 +117,7 @@ FAIL_AT_STEP_ENV = "CSL_RAY_FAIL_AT_STEP"
 CHECKPOINT_FILE = "state.pt"
 SMOKE_OVERRIDES = [
     "train.iterations=4",
+    "ssl.warmup_iterations=2",
     "train.eval_every=4",
     "train.checkpoint_every=2",
     "ray.num_workers=1",

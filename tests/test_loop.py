@@ -12,7 +12,8 @@ from csl_ray.step import unlabeled_scale
 
 
 def tiny_cfg(*overrides):
-    base = [f"data.num_classes={C}", f"data.crop_size={S}", "train.iterations=10", "optim.lr=0.01"]
+    base = [f"data.num_classes={C}", f"data.crop_size={S}", "train.iterations=10", "optim.lr=0.01",
+            "ssl.warmup_iterations=0"]  # fmt: skip
     return load_config(preset="tiny", overrides=[*base, *overrides])
 
 

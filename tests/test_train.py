@@ -46,6 +46,7 @@ def tiny(root: str, out: Path, name: str, *overrides: str):
             "data.crop_size=32",
             "data.global_batch_size=4",
             "train.iterations=4",
+            "ssl.warmup_iterations=0",
             "train.eval_every=4",
             "train.checkpoint_every=2",
             "logging.log_every=1",
