@@ -1,4 +1,4 @@
-"""Shared fixtures. Ray is started once per session (RAY_NOTES.md): starting it per test costs 2-4 s each."""
+"""Shared fixtures. Ray is started once per session: starting it per test costs 2-4 s each on 2 cores."""
 
 import os
 
