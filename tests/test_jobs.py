@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from csl_ray.config import load_config
 from csl_ray.train import SMOKE_OVERRIDES, config_from_arguments
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -45,7 +46,7 @@ def test_other_jobs_document_every_flag(name):
 def test_config_from_arguments_order():
     parser = job("train").build_parser()
     cfg = config_from_arguments(parser.parse_args([]))
-    assert cfg.model.backbone == "resnet18" and cfg.ray.num_workers == 2  # no --config: the tiny preset
+    assert cfg == load_config("tiny")  # no --config: the tiny preset
     smoke = config_from_arguments(parser.parse_args(["--smoke", "train.iterations=6", "--set", "ssl.tmp.block=4"]))
     assert smoke.train.iterations == 6  # the command line wins over --smoke
     assert smoke.ray.num_workers == 1 and smoke.ssl.tmp.block == 4
