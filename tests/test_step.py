@@ -161,9 +161,7 @@ def test_step_gives_a_finite_loss_and_every_metric():
     for name, value in out.metrics.items():
         assert value.dim() == 0 and not value.requires_grad, name
         assert torch.isfinite(value) or name in GT_METRICS, name
-    parts = out.metrics
-    expected = (parts["loss_x"] + 0.25 * parts["loss_u_s"] + 0.25 * parts["loss_u_m"] + 0.5 * parts["loss_u_fp"]) / 2
-    assert torch.allclose(out.loss, expected)
+    parts = out.metrics  # the total and each loss against a reference: test_cutmix_step_equals_a_reference_computation
     assert 0 <= parts["selected_ratio"] <= 1 and 0 <= parts["mean_weight"] <= 1
     assert out.visuals["pseudo_label"].shape == (S, S) and out.visuals["image_masked"].shape == (3, S, S)
     out.loss.backward()
@@ -246,6 +244,136 @@ def test_ema_teacher_gives_both_predictions():
     assert torch.allclose(selector.probs, expected, atol=1e-5)
 
 
+class TwoHeads(nn.Module):
+    """Per-pixel linear logits, and a second linear map as the feature-perturbation branch: deterministic, and
+    different from the main branch, so a reference can recompute every loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.conv_fp = nn.Conv2d(3, C, 1), nn.Conv2d(3, C, 1)
+
+    def forward(self, x, need_fp=False):
+        return (self.conv(x), self.conv_fp(x)) if need_fp else self.conv(x)
+
+
+# Each unlabelled row is told apart by its padding: main crops pad bottom rows, partners right columns, each row a
+# different amount. The selector stub looks a row up by its padding and gives it a constant label and weight.
+MAIN_PADDING, PARTNER_PADDING = ((3, 0), (5, 0)), ((0, 4), (0, 6))  # (bottom rows, right columns) per row
+ROW_LABEL_WEIGHT = {(3, 0): (1, 1.0), (5, 0): (2, 0.4), (0, 4): (0, 0.7), (0, 6): (2, 1.0)}
+
+
+def padding_of(valid):
+    """(fully invalid bottom rows, fully invalid right columns) of one bool [H, W] valid mask."""
+    return int((~valid).all(1).sum()), int((~valid).all(0).sum())
+
+
+def row_constant_selector(probs, valid):
+    """A Selection with each row's constant label and weight (0 on invalid pixels, as the Selection contract)."""
+    labels, weights = zip(*(ROW_LABEL_WEIGHT[padding_of(v)] for v in valid), strict=True)
+    label_map = torch.tensor(labels)[:, None, None].expand_as(valid).clone()
+    weight_map = torch.tensor(weights)[:, None, None] * valid
+    return Selection(weights=weight_map, labels=label_map, reliable=(weight_map == 1) & valid, confidence=weight_map)
+
+
+def cutmix_rows(seed=7):
+    """One labelled row and two unlabelled main rows with two partners (n_l != n_u), every row CutMixed.
+
+    The boxes overlap the main crops' and the partners' padding, in different amounts.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labeled = dict(zip(("image", "mask"), blobs(1, g), strict=True))
+    rows = {}
+    for name, paddings in (("main", MAIN_PADDING), ("partner", PARTNER_PADDING)):
+        weak, _ = blobs(2, g)
+        valid = torch.ones(2, S, S, dtype=torch.bool)
+        for row, (bottom, right) in enumerate(paddings):
+            valid[row, S - bottom :] = False
+            valid[row, :, S - right :] = False
+        weak = weak * valid[:, None]
+        rows[name] = {
+            "image_weak": weak,
+            "image_strong": (weak.float() * 0.7 + 30 * valid[:, None]).to(torch.uint8),
+            "image_masked": (weak.float() * 0.9).to(torch.uint8),
+            "tmp_cells": torch.stack([tmp_cells(S, 8, 0.5, g) for _ in range(2)]),
+            "cutmix_box": torch.zeros(2, S, S, dtype=torch.bool),
+            "valid": valid,
+        }
+    box = rows["main"]["cutmix_box"]
+    box[0, S // 2 :, S // 2 :] = True  # the bottom-right quadrant: both paddings of row 0
+    box[1, 4:, S - 10 :] = True  # a right band: the partner's padding and part of the main crop's
+    return labeled, rows["main"], rows["partner"]
+
+
+def reference_losses(model, labeled, main, partner):
+    """L_x, L_s, L_m, L_fp recomputed from CSL_SPEC section 5 without the step's helpers (but its normalisation)."""
+
+    def constant_maps(rows):
+        labels, weights = zip(*(ROW_LABEL_WEIGHT[padding_of(v)] for v in rows["valid"]), strict=True)
+        shape = rows["valid"].shape
+        return torch.tensor(labels)[:, None, None].expand(shape), torch.tensor(weights)[:, None, None] * rows["valid"]
+
+    def weighted(logits, labels, weights, valid):
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        return (weights * ce * valid).sum() / valid.sum()
+
+    labels, weights = constant_maps(main)
+    labels_mix, weights_mix = constant_maps(partner)
+    box = main["cutmix_box"]
+    with torch.no_grad():
+        x_s = torch.where(box[:, None], normalize(partner["image_strong"]), normalize(main["image_strong"]))
+        loss_s = weighted(
+            model.conv(x_s),
+            torch.where(box, labels_mix, labels),
+            torch.where(box, weights_mix, weights),
+            torch.where(box, partner["valid"], main["valid"]),
+        )
+        loss_fp = weighted(model.conv_fp(normalize(main["image_weak"])), labels, weights, main["valid"])
+        hidden = main["tmp_cells"] & (weights == 1)
+        x_m = normalize(main["image_masked"]) * ~hidden[:, None]
+        loss_m = weighted(model.conv(x_m), labels, weights, main["valid"])
+        loss_x = F.cross_entropy(model.conv(normalize(labeled["image"])), labeled["mask"])
+    num_valid = main["valid"].sum()
+    return {
+        "loss_x": loss_x,
+        "loss_u_s": loss_s,
+        "loss_u_m": loss_m,
+        "loss_u_fp": loss_fp,
+        "mean_weight": weights.sum() / num_valid,
+        "selected_ratio": (weights == 1).sum() / num_valid,
+    }
+
+
+@pytest.mark.parametrize("tmp_enabled", [True, False])
+def test_cutmix_step_equals_a_reference_computation(tmp_enabled):
+    model = TwoHeads()
+    labeled, main, partner = cutmix_rows()
+    weights = LossWeights(strong=0.1, masked=0.3, fp=0.7)  # distinct, so a swapped weight shows
+    out = semi_supervised_step(
+        model,
+        SelfTeacher(model),
+        row_constant_selector,
+        nn.CrossEntropyLoss(ignore_index=255),
+        labeled,
+        main,
+        partner,
+        weights=weights,
+        tmp_enabled=tmp_enabled,
+    )
+    expected = reference_losses(model, labeled, main, partner)
+    if not tmp_enabled:
+        expected["loss_u_m"] = torch.tensor(0.0)
+    for name, value in expected.items():
+        assert float(out.metrics[name]) == pytest.approx(float(value), rel=1e-5), name
+    total = (
+        expected["loss_x"]
+        + weights.strong * expected["loss_u_s"]
+        + weights.masked * expected["loss_u_m"]
+        + weights.fp * expected["loss_u_fp"]
+    ) / 2
+    assert float(out.loss.detach()) == pytest.approx(float(total), rel=1e-5)
+
+
 def test_unlabeled_losses_divide_by_valid_pixels():
     student = Spy()
     labeled, unlabeled = synthetic_batch(cutmix_prob=0.0)
@@ -277,8 +405,6 @@ def test_tmp_disabled_skips_the_masked_branch():
     out = run_step(student, tmp_enabled=False)
     assert out.metrics["loss_u_m"] == 0
     assert len(student.calls[-1][0]) == B  # the last pass holds the strong view only
-    parts = out.metrics
-    assert torch.allclose(out.loss, (parts["loss_x"] + 0.25 * parts["loss_u_s"] + 0.5 * parts["loss_u_fp"]) / 2)
 
 
 def test_supervised_step():
