@@ -28,6 +28,7 @@ def val_batches(n=2):
 def test_state_dict_round_trip_resumes_exactly():
     cfg = tiny_cfg("ssl.teacher.kind=ema")  # the EMA teacher has state of its own to restore
     loop = TrainLoop(cfg, "cpu")
+    loop.step = 4  # EMA momentum 0.8: the teacher becomes neither the student nor its initial copy
     loop.train_step(*synthetic_batch())
     loop.best_miou = 12.5
     buffer = io.BytesIO()
@@ -37,7 +38,9 @@ def test_state_dict_round_trip_resumes_exactly():
 
     resumed = TrainLoop(cfg, "cpu")
     resumed.load_state_dict(state)
-    assert (resumed.step, resumed.best_miou, resumed.skipped_steps) == (1, 12.5, 0)
+    assert (resumed.step, resumed.best_miou, resumed.skipped_steps) == (5, 12.5, 0)
+    assert_same_tensors(resumed.teacher.state_dict(), loop.teacher.state_dict())
+    assert not torch.equal(resumed.teacher.model.classifier.weight, resumed.student.classifier.weight)
     saved, loaded = loop.optimizer.state_dict(), resumed.optimizer.state_dict()
     assert saved["param_groups"] == loaded["param_groups"]
     for key, value in saved["state"].items():
@@ -49,10 +52,33 @@ def test_state_dict_round_trip_resumes_exactly():
     set_rng_state(state["rng"], torch.device("cpu"))
     after_original = loop.train_step(*batch)
     assert after_resume == after_original
-    for a, b in zip(loop.student.state_dict().values(), resumed.student.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(loop.teacher.state_dict().values(), resumed.teacher.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    assert_same_tensors(loop.student.state_dict(), resumed.student.state_dict())
+    assert_same_tensors(loop.teacher.state_dict(), resumed.teacher.state_dict())
+
+
+def assert_same_tensors(first, second):
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
+
+
+def test_ema_teacher_moves_by_the_configured_momentum_and_not_on_a_skipped_step():
+    loop = TrainLoop(tiny_cfg("ssl.teacher.kind=ema", "ssl.teacher.momentum=0.6", "train.iterations=100"), "cpu")
+    loop.step = 10  # past the ramp: ema_momentum(10, 0.6) = min(1 - 1/11, 0.6) = the configured 0.6
+    before = [p.clone() for p in loop.teacher.model.parameters()]
+    loop.train_step(*synthetic_batch())
+    moved = False
+    for old, student, teacher in zip(before, loop.student.parameters(), loop.teacher.model.parameters(), strict=True):
+        torch.testing.assert_close(teacher, 0.6 * old + 0.4 * student)
+        moved |= not torch.equal(teacher, old)
+    assert moved
+    assert_same_tensors(dict(loop.teacher.model.named_buffers()), dict(loop.student.named_buffers()))
+
+    teacher_state = {k: v.clone() for k, v in loop.teacher.state_dict().items()}
+    first_conv = next(m for m in loop.student.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    assert loop.train_step(*synthetic_batch(seed=1))["skipped"] == 1.0
+    assert_same_tensors(loop.teacher.state_dict(), teacher_state)
 
 
 def test_poly_lr_is_applied_per_iteration():
