@@ -1,6 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+from csl_ray import augment
 from csl_ray.augment import color_jitter, mild_view, normalize, resize_crop_flip, strong_view
 
 
@@ -57,6 +59,54 @@ def test_resize_crop_flip_rescales_within_range_and_is_reproducible():
             image, mask, crop_size=16, scale_range=(0.5, 2.0), ignore_index=255, generator=gen(seed)
         )
         assert 100 <= int(valid.sum()) <= 256
+
+
+BLOCK_IDS = (0, 3, 7, 12, 20, 31)  # gaps between ids: a bilinear mask resize would make values in between
+
+
+def block_labelled(height: int = 24, width: int = 40, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A non-square image of block x block tiles; neighbouring tiles differ, no flip or transpose maps the layout to
+    itself, and each tile's colour encodes its id."""
+    rows, cols = torch.meshgrid(torch.arange(height) // block, torch.arange(width) // block, indexing="ij")
+    mask = torch.tensor(BLOCK_IDS, dtype=torch.uint8)[(rows * 4 + cols) % len(BLOCK_IDS)]
+    return block_colours(mask), mask
+
+
+def block_colours(mask: torch.Tensor) -> torch.Tensor:
+    return torch.stack([mask * 8, 255 - mask * 8, torch.full_like(mask, 100)])
+
+
+def interior(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Pixels whose (2 radius + 1)^2 neighbourhood, inside the crop, holds one mask value."""
+    padded = F.pad(mask[None, None].float(), (radius,) * 4, value=-1.0)  # the crop border is never interior
+    size = 2 * radius + 1
+    return (F.max_pool2d(padded, size, stride=1) == -F.max_pool2d(-padded, size, stride=1))[0, 0]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_rescaled_crop_keeps_image_and_mask_aligned(seed, monkeypatch):
+    scale_range, crop = (0.5, 2.0), 32
+    drawn = []
+
+    def recording_uniform(low, high, generator):
+        drawn.append(real_uniform(low, high, generator))
+        return drawn[-1]
+
+    real_uniform = augment._uniform
+    monkeypatch.setattr(augment, "_uniform", recording_uniform)  # to learn the scale drawn for this seed
+    image, mask = block_labelled()
+    out, out_mask, valid = resize_crop_flip(
+        image, mask, crop_size=crop, scale_range=scale_range, ignore_index=255, generator=gen(seed)
+    )
+    (scale,) = drawn
+    assert set(out_mask.unique().tolist()) <= {*BLOCK_IDS, 255}
+    rows, cols = min(round(24 * scale), crop), min(round(40 * scale), crop)
+    assert (int(valid.any(1).sum()), int(valid.any(0).sum()), int(valid.sum())) == (rows, cols, rows * cols)
+    assert (out_mask[~valid] == 255).all() and (out[:, ~valid] == 0).all()
+    inside = interior(out_mask, radius=1) & valid
+    assert inside.sum() >= 0.2 * valid.sum()
+    difference = (out.int() - block_colours(out_mask).int()).abs()
+    assert difference[:, inside].max() <= 2
 
 
 def test_color_jitter_with_zero_ranges_is_identity():
