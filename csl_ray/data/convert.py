@@ -251,9 +251,9 @@ def resolve_splits(
             )
     val_ids = {s.id for s in splits["val"]}
     for split in ("labeled", "unlabeled"):
-        leaked = sorted({s.id for s in splits[split]} & val_ids)
+        leaked = [_where(s, f"{s.image}: also in val") for s in splits[split] if s.id in val_ids]
         if leaked:
-            raise ConversionError(f"split {split!r} shares {len(leaked)} id(s) with val: {leaked[:5]}")
+            raise ConversionError(_listing(f"split {split!r} shares {len(leaked)} image(s) with val", leaked))
     errors = [
         _where(s, f"{s.image}: no mask found") for split in ("labeled", "val") for s in splits[split] if s.mask is None
     ]
