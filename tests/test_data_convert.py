@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csl_ray.data.convert import ConversionError, convert, format_summary
+from csl_ray.data.convert import CITYSCAPES_CLASSES, ConversionError, convert, format_summary
 from csl_ray.data.shards import decode_image, decode_mask, read_manifest, read_split
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "prepare_data.py"
@@ -194,3 +194,139 @@ def test_coco_layout_defaults_val_and_unlabeled(tmp_path):
     summary = convert("coco", root, tmp_path / "out", labeled=str(root / "labeled.txt"), workers=1, progress=False)
     assert summary["splits"] == {"labeled": 1, "unlabeled": 2, "val": 1}
     assert len(summary["class_names"]) == 81 and summary["classes_seen"] == [80]
+
+
+# cityscapesScripts' helpers/labels.py, (name, id, trainId) for every id a labelIds mask holds ("license plate",
+# id -1, never appears in one).
+CITYSCAPES_LABELS = (
+    ("unlabeled", 0, 255), ("ego vehicle", 1, 255), ("rectification border", 2, 255), ("out of roi", 3, 255),
+    ("static", 4, 255), ("dynamic", 5, 255), ("ground", 6, 255), ("road", 7, 0), ("sidewalk", 8, 1),
+    ("parking", 9, 255), ("rail track", 10, 255), ("building", 11, 2), ("wall", 12, 3), ("fence", 13, 4),
+    ("guard rail", 14, 255), ("bridge", 15, 255), ("tunnel", 16, 255), ("pole", 17, 5), ("polegroup", 18, 255),
+    ("traffic light", 19, 6), ("traffic sign", 20, 7), ("vegetation", 21, 8), ("terrain", 22, 9), ("sky", 23, 10),
+    ("person", 24, 11), ("rider", 25, 12), ("car", 26, 13), ("truck", 27, 14), ("bus", 28, 15),
+    ("caravan", 29, 255), ("trailer", 30, 255), ("train", 31, 16), ("motorcycle", 32, 17), ("bicycle", 33, 18),
+)  # fmt: skip
+OFFICIAL_TRAIN_ID = np.array([train_id for _, _, train_id in CITYSCAPES_LABELS], np.uint8)
+
+
+def make_cityscapes(root: Path, images_per_split: int = 2) -> dict[str, np.ndarray]:
+    """leftImg8bit/ and gtFine/*_labelIds.png for train and val; each mask holds every labelId 0-33 (a 5x7 grid of
+    0..34, 34 being no Cityscapes class), rolled differently per image. Returns the labelIds by sample id."""
+    masks = {}
+    for split in ("train", "val"):
+        for i in range(images_per_split):
+            stem = f"aachen_{split}_{i:06d}"
+            image_dir, label_dir = root / "leftImg8bit" / split / "aachen", root / "gtFine" / split / "aachen"
+            image_dir.mkdir(parents=True, exist_ok=True)
+            label_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((5, 7, 3), 30 * i, np.uint8)).save(image_dir / f"{stem}_leftImg8bit.png")
+            ids = np.roll(np.arange(35, dtype=np.uint8), 3 * i + (split == "val")).reshape(5, 7)
+            Image.fromarray(ids, mode="L").save(label_dir / f"{stem}_gtFine_labelIds.png")
+            masks[f"{stem}_leftImg8bit"] = ids
+    return masks
+
+
+def decoded_masks(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    return {
+        split: {row["id"]: decode_mask(row["mask"]) for row in read_split(out, split).to_pylist()}
+        for split in ("labeled", "unlabeled", "val")
+    }
+
+
+def test_cityscapes_every_label_id_maps_as_the_official_table(tmp_path):
+    assert [name for name, _, train_id in CITYSCAPES_LABELS if train_id != 255] == list(CITYSCAPES_CLASSES)
+    root = tmp_path / "cityscapes"
+    label_ids = make_cityscapes(root)
+    (root / "labeled.txt").write_text("leftImg8bit/train/aachen/aachen_train_000000_leftImg8bit.png\n")
+    convert("cityscapes", root, tmp_path / "out", labeled=str(root / "labeled.txt"), workers=1, progress=False)
+    masks = decoded_masks(tmp_path / "out")
+    assert {split: len(rows) for split, rows in masks.items()} == {"labeled": 1, "unlabeled": 1, "val": 2}
+    for split, rows in masks.items():
+        for sample_id, mask in rows.items():
+            source = label_ids[sample_id]
+            expected = np.where(source < len(OFFICIAL_TRAIN_ID), OFFICIAL_TRAIN_ID[source.clip(0, 33)], 255)
+            assert np.array_equal(mask, expected), (split, sample_id)
+
+
+def test_cityscapes_prefers_label_train_ids_over_label_ids(tmp_path):
+    root = tmp_path / "cityscapes"
+    make_cityscapes(root)
+    train_ids = np.arange(35, dtype=np.uint8).reshape(5, 7) % 19  # not what the labelIds would map to
+    train_ids[0, :2] = 255
+    for split in ("train", "val"):
+        label_dir = root / "gtFine" / split / "aachen"
+        Image.fromarray(train_ids, mode="L").save(label_dir / f"aachen_{split}_000001_gtFine_labelTrainIds.png")
+    (root / "labeled.txt").write_text("leftImg8bit/train/aachen/aachen_train_000001_leftImg8bit.png\n")
+    convert("cityscapes", root, tmp_path / "out", labeled=str(root / "labeled.txt"), workers=1, progress=False)
+    masks = decoded_masks(tmp_path / "out")
+    assert np.array_equal(masks["labeled"]["aachen_train_000001_leftImg8bit"], train_ids)
+    assert np.array_equal(masks["val"]["aachen_val_000001_leftImg8bit"], train_ids)
+
+
+def random_ids(rng: np.random.Generator, num_classes: int, shape: tuple[int, int]) -> np.ndarray:
+    ids = rng.integers(0, num_classes, shape).astype(np.uint8)
+    ids[rng.random(shape) < 0.2] = 255
+    return ids
+
+
+def test_coco_masks_round_trip_with_ignore(tmp_path):
+    root, rng, masks = tmp_path / "coco", np.random.default_rng(3), {}
+    for split, ids in (("train2017", range(3)), ("val2017", [9])):
+        (root / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in ids:
+            name = f"{i:012d}"
+            Image.fromarray(np.full((5, 7, 3), 90, np.uint8)).save(root / split / f"{name}.jpg")
+            masks[name] = random_ids(rng, 81, (5, 7))
+            Image.fromarray(masks[name], mode="L").save(root / "masks" / split / f"{name}.png")
+    (root / "labeled.txt").write_text("train2017/000000000001.jpg masks/train2017/000000000001.png\n")
+    convert("coco", root, tmp_path / "out", labeled=str(root / "labeled.txt"), workers=1, progress=False)
+    decoded = decoded_masks(tmp_path / "out")
+    assert sum(len(rows) for rows in decoded.values()) == 4
+    for rows in decoded.values():
+        for sample_id, mask in rows.items():
+            assert np.array_equal(mask, masks[sample_id]), sample_id
+
+
+def make_folder(root: Path, count: int = 5) -> dict[str, np.ndarray]:
+    """images/*.png, masks/*.png (3 classes and 255), classes.txt."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("sky\nground\nthing\n")
+    rng, masks = np.random.default_rng(4), {}
+    for i in range(count):
+        Image.fromarray(np.full((6, 6, 3), 40 * i, np.uint8)).save(root / "images" / f"im{i}.png")
+        masks[f"im{i}"] = random_ids(rng, 3, (6, 6))
+        Image.fromarray(masks[f"im{i}"], mode="L").save(root / "masks" / f"im{i}.png")
+    return masks
+
+
+def test_folder_masks_round_trip_with_ignore(tmp_path):
+    root = tmp_path / "folder"
+    masks = make_folder(root)
+    (root / "lab.txt").write_text("im0\nim1\n")
+    (root / "val.txt").write_text("images/im4.png masks/im4.png\n")
+    convert("folder", root, tmp_path / "out", labeled=str(root / "lab.txt"), val=str(root / "val.txt"), workers=1,
+            progress=False)  # fmt: skip
+    decoded = decoded_masks(tmp_path / "out")
+    assert sum(len(rows) for rows in decoded.values()) == 5
+    for rows in decoded.values():
+        for sample_id, mask in rows.items():
+            assert np.array_equal(mask, masks[sample_id]), sample_id
+
+
+def test_val_overlap_and_missing_mask_errors_name_the_file(tmp_path):
+    root = tmp_path / "folder"
+    make_folder(root)
+    (root / "val.txt").write_text("im4\n")
+    (root / "lab.txt").write_text("im0\nim4\n")
+    with pytest.raises(ConversionError, match=r"lab.txt:2: .*im4.png"):
+        convert("folder", root, tmp_path / "out", labeled=str(root / "lab.txt"), val=str(root / "val.txt"),
+                workers=1, progress=False)  # fmt: skip
+    (root / "lab.txt").write_text("im0\nim1\n")
+    (root / "masks" / "im1.png").unlink()
+    with pytest.raises(ConversionError, match=r"lab.txt:2: .*im1.png: no mask found"):
+        convert("folder", root, tmp_path / "out", labeled=str(root / "lab.txt"), val=str(root / "val.txt"),
+                workers=1, progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists()
