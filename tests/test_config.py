@@ -17,6 +17,8 @@ from csl_ray.config import (
     resolve_iterations,
     valid_keys,
 )
+from csl_ray.data.builtin import CLASS_NAMES
+from csl_ray.data.convert import CITYSCAPES_CLASSES, COCO_CLASSES, VOC_CLASSES
 
 
 def test_defaults_match_spec():
@@ -29,10 +31,15 @@ def test_defaults_match_spec():
     assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4 and cfg.optim.poly_power == 0.9
 
 
+# The class names of each preset's dataset, by the preset's name prefix.
+DATASET_CLASSES = {"pascal": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "coco": COCO_CLASSES, "tiny": CLASS_NAMES}
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_presets_load(preset):
-    cfg = load_config(preset)
-    assert cfg.data.num_classes == PRESETS[preset]["data"]["num_classes"]
+def test_presets_have_their_dataset_class_count(preset):
+    dataset = next((name for name in DATASET_CLASSES if preset.startswith(name)), None)
+    assert dataset is not None, f"preset {preset!r}: add its dataset's class names to DATASET_CLASSES"
+    assert load_config(preset).data.num_classes == len(DATASET_CLASSES[dataset])
 
 
 def test_defaults_are_the_pascal_recipe():

@@ -22,25 +22,21 @@ def job(name: str):
     return module
 
 
-def documented(parser: argparse.ArgumentParser, text: str) -> None:
-    for action in parser._actions:
-        assert action.help, f"{action.dest} has no help"
-        names = action.option_strings or [action.metavar or action.dest]
-        assert any(n in text for n in names), f"{names} missing from --help"
+def undocumented(parser: argparse.ArgumentParser) -> list[str]:
+    """Flags and positionals without a help sentence (argparse lists them in --help with nothing to say)."""
+    return [action.dest for action in parser._actions if not (action.help or "").strip()]
 
 
-def test_train_help_documents_every_flag():
+def test_train_help_describes_the_embedded_default():
     out = subprocess.run(
         [sys.executable, str(JOBS / "train.py"), "--help"], capture_output=True, text=True, check=True
     ).stdout
-    documented(job("train").build_parser(), out)
     assert "embedded default" in out
 
 
-@pytest.mark.parametrize("name", ["evaluate", "tune"])
-def test_other_jobs_document_every_flag(name):
-    parser = job(name).build_parser()
-    documented(parser, parser.format_help())
+@pytest.mark.parametrize("name", ["train", "evaluate", "tune"])
+def test_every_flag_has_help(name):
+    assert undocumented(job(name).build_parser()) == []
 
 
 def test_config_from_arguments_order():
