@@ -358,7 +358,9 @@ def test_cutmix_step_equals_a_reference_computation(tmp_enabled):
         main,
         partner,
         weights=weights,
+        weight_floor=0.0,
         tmp_enabled=tmp_enabled,
+        ignore_index=255,
     )
     expected = reference_losses(model, labeled, main, partner)
     if not tmp_enabled:
