@@ -351,7 +351,7 @@ def test_cutmix_step_equals_a_reference_computation(tmp_enabled):
     weights = LossWeights(strong=0.1, masked=0.3, fp=0.7)  # distinct, so a swapped weight shows
     out = semi_supervised_step(
         model,
-        SelfTeacher(model),
+        SelfTeacher(model, RELEASED.teacher.partner_pass),
         row_constant_selector,
         nn.CrossEntropyLoss(ignore_index=255),
         labeled,
@@ -361,6 +361,7 @@ def test_cutmix_step_equals_a_reference_computation(tmp_enabled):
         weight_floor=0.0,
         tmp_enabled=tmp_enabled,
         ignore_index=255,
+        bn_stats=RELEASED.bn_stats,
     )
     expected = reference_losses(model, labeled, main, partner)
     if not tmp_enabled:
