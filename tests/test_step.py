@@ -252,6 +252,8 @@ class TwoHeads(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.conv, self.conv_fp = nn.Conv2d(3, C, 1), nn.Conv2d(3, C, 1)
+        self.register_buffer("pixel_mean", torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1))
 
     def forward(self, x, need_fp=False):
         return (self.conv(x), self.conv_fp(x)) if need_fp else self.conv(x)
@@ -317,22 +319,25 @@ def reference_losses(model, labeled, main, partner):
         ce = F.cross_entropy(logits, labels, reduction="none")
         return (weights * ce * valid).sum() / valid.sum()
 
+    def norm(images):
+        return (images.float() / 255 - model.pixel_mean) / model.pixel_std
+
     labels, weights = constant_maps(main)
     labels_mix, weights_mix = constant_maps(partner)
     box = main["cutmix_box"]
     with torch.no_grad():
-        x_s = torch.where(box[:, None], normalize(partner["image_strong"]), normalize(main["image_strong"]))
+        x_s = torch.where(box[:, None], norm(partner["image_strong"]), norm(main["image_strong"]))
         loss_s = weighted(
             model.conv(x_s),
             torch.where(box, labels_mix, labels),
             torch.where(box, weights_mix, weights),
             torch.where(box, partner["valid"], main["valid"]),
         )
-        loss_fp = weighted(model.conv_fp(normalize(main["image_weak"])), labels, weights, main["valid"])
+        loss_fp = weighted(model.conv_fp(norm(main["image_weak"])), labels, weights, main["valid"])
         hidden = main["tmp_cells"] & (weights == 1)
-        x_m = normalize(main["image_masked"]) * ~hidden[:, None]
+        x_m = norm(main["image_masked"]) * ~hidden[:, None]
         loss_m = weighted(model.conv(x_m), labels, weights, main["valid"])
-        loss_x = F.cross_entropy(model.conv(normalize(labeled["image"])), labeled["mask"])
+        loss_x = F.cross_entropy(model.conv(norm(labeled["image"])), labeled["mask"])
     num_valid = main["valid"].sum()
     return {
         "loss_x": loss_x,
