@@ -20,7 +20,7 @@ this), and the wall time per run. The plot shows mIoU against budget, a line per
 The JSON holds every finished run and is rewritten after each one, so an interrupted study resumes where it
 stopped (runs already in it are skipped); `--from-json` re-tabulates and redraws without training.
 
-    python benchmarks/quality.py --jobs 2 --threads 1                        # the study: 4 methods x 3 budgets x 3 seeds
+    python benchmarks/quality.py --jobs 2 --threads 1              # the study: 4 methods x 3 budgets x 3 seeds
     python benchmarks/quality.py --budgets 300 --methods csl --variants all   # the variants at the default budget
     python benchmarks/quality.py --methods csl threshold --budgets 300 --seeds 0 --set ssl.tmp.mask_ratio=0.5
     python benchmarks/quality.py --from-json benchmarks/results/study.json
@@ -199,7 +199,11 @@ def report(runs: list[dict], out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--methods", nargs="*", choices=list(METHODS), default=list(METHODS), help="methods to run (none: variants only)"
+        "--methods",
+        nargs="*",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="methods to run (none: variants only)",
     )
     parser.add_argument(
         "--variants", nargs="+", choices=[*VARIANTS, "all"], default=[], help="CSL variants / recipe options to run"

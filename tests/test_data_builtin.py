@@ -37,10 +37,10 @@ def test_rows_decode_and_unlabelled_rows_keep_masks(tmp_path):
 def test_scenes_are_varied_and_not_separable_by_colour():
     scenes = [draw_scene(np.random.default_rng([0, i]), 64) for i in range(48)]
     masks = np.stack([m for _, m in scenes])
-    images = np.stack([im for im, _ in scenes])
     counts = np.bincount(masks.ravel(), minlength=6)
     assert (counts > 0).all()  # every class appears
     assert 0.5 < counts[0] / counts.sum() < 0.95  # background dominates, objects are not rare
+
     # A colour-only rule (the majority class of each coarse RGB bin, fit on other scenes) cannot name the class of
     # most object pixels: each colour family is shared by two classes.
     def object_colours(first: int, count: int) -> tuple[np.ndarray, np.ndarray]:

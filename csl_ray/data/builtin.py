@@ -14,7 +14,8 @@ family is shared by two classes, so neither colour nor texture alone identifies 
 Background distractors are shapes filled plain or with a smooth gradient in the same colour families, and shapes
 with the class textures in greys; the background itself is a low-saturation gradient, low-frequency blotches or a
 faint large-scale texture. Objects (discs, squares, triangles, ellipses) vary in scale (about 8-29 px radius on
-96 px), rotation, shade, hue and texture period (4-9 px), occlude one another, and thin bars occlude them; a colour cast,
+96 px), rotation, shade, hue and texture period (4-9 px), occlude one another, and thin bars occlude them; a colour
+cast,
 illumination gradients, pixel noise and occasional blur finish the image. A pretrained backbone learns the classes
 from a few dozen labelled scenes in a few hundred iterations, but not all of their variety, which leaves room for
 unlabelled data (measured in benchmarks/README.md, Quality).
