@@ -11,7 +11,6 @@ a cache with an atomic rename. The model then loads it like any local weights fi
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import timm
 import torch
+
+from csl_ray.data.shards import file_sha256
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,6 @@ def _source_file(backbone: str) -> tuple[PackagedWeights, Path]:
     return source, path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert_packaged_state(source_state: dict[str, torch.Tensor], target_state: dict[str, torch.Tensor], where: str):
     """Renames `source_state`'s tensors, in order, to `target_state`'s keys; every shape must agree.
 
@@ -128,7 +121,7 @@ def packaged_weights_file(backbone: str, cache_dir: str | os.PathLike) -> Path:
     target = Path(cache_dir).expanduser() / f"{backbone}-{source.sha256_prefix}.pth"
     if target.is_file():
         return target
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if not digest.startswith(source.sha256_prefix):
         raise WeightsError(
             f"{path}: sha256 {digest[:16]}... does not start with {source.sha256_prefix}: a damaged file"

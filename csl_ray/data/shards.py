@@ -125,7 +125,8 @@ def read_split(root: str | os.PathLike, split: str, columns: list[str] | None = 
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -165,7 +166,7 @@ def _write_split(
                 "rows": len(buffer),
                 "row_groups": groups,
                 "bytes": (folder / relative).stat().st_size,
-                "sha256": _sha256(folder / relative),
+                "sha256": file_sha256(folder / relative),
             }
         )
         buffer.clear()
