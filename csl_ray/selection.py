@@ -8,11 +8,9 @@ Every selector maps teacher probabilities [N, C, H, W] and a validity mask [N, H
 `csl_select` is batched: each image's 2x2 spectral problem needs only masked sums over that image's pixels, so all
 images are solved together in closed form, with no loop over images or pixels. It makes three passes over the
 pixels, one per step of the method: the features (a, b) and each image's Gram matrix; the cluster of every pixel
-and the moments of the second cluster; the soft weights from the reliable cluster's mean and variance. On CPU each
-pass runs over tiles of pixels (every image at once) so that the per-pixel intermediates stay in cache, and the
-first pass reduces the class dimension in one sweep: running max, its first index, and the sums of the other
-probabilities. Nothing of size [N, C, H, W] is allocated (except a float32 copy of one tile for half-precision
-input).
+and the moments of the second cluster; the soft weights from the reliable cluster's mean and variance. The passes
+walk tiles of pixels (csl_ray/pixel_passes.py); nothing of size [N, C, H, W] is allocated (except a float32 copy of
+one tile for half-precision input).
 
 Precision: per-pixel work runs in float32 (float64 for float64 input); every per-image sum is accumulated in float64
 from exact float64 products, and the 2x2 eigenproblems are solved in float64. The residual sums leave the arg-max
@@ -30,16 +28,12 @@ import torch
 from torch import Tensor
 
 from csl_ray.config import SelectorConfig
+from csl_ray.pixel_passes import Tiling, check_inputs, class_pass, max_argmax
 
 EPS = 1e-10
 """The epsilon of the released code: in g = (C-1)^2 / (2(1 - m + eps)) and in z = d / sqrt(v + eps)."""
 RANK_TOL = 1e-12
 """An eigenvalue of the 2x2 Gram matrix below RANK_TOL * trace counts as zero (docs/method.md, Selection)."""
-_CPU_TILE_PIXELS = 1 << 20
-"""Pixels per CPU tile, summed over the batch (4 MiB per float32 work array, about 80 MiB of work arrays in all).
-`benchmarks/selector.py` on a 2-core VM, csl median at 16x21x321^2 / 8x19x801^2: cache-sized 2^17-pixel tiles took
-113 / 335 ms on 1 thread but 209 / 617 ms on 2, where each small op split across threads ran slower than on one;
-2^20-pixel tiles take 154 / 392 ms on 1 thread and 113 / 292 ms on 2."""
 
 
 @dataclass
@@ -62,56 +56,6 @@ class Selection:
     reliable: Tensor
     confidence: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _check_inputs(probs: Tensor, valid: Tensor) -> tuple[int, int, int, int]:
-    if probs.dim() != 4 or not probs.is_floating_point():
-        raise ValueError(f"probs must be a floating-point [N, C, H, W] tensor, got {probs.dtype} {tuple(probs.shape)}")
-    n, c, h, w = probs.shape
-    if valid.dtype != torch.bool or tuple(valid.shape) != (n, h, w):
-        raise ValueError(f"valid must be a bool [N, H, W] = {[n, h, w]} tensor, got {valid.dtype} {tuple(valid.shape)}")
-    if valid.device != probs.device:
-        raise ValueError(f"probs ({probs.device}) and valid ({valid.device}) must be on the same device")
-    if c < 2:
-        raise ValueError(f"need at least 2 classes, got {c}")
-    return n, c, h, w
-
-
-def _class_pass(
-    probs: Tensor,
-    max_prob: Tensor,
-    argmax: Tensor,
-    is_new_max: Tensor,
-    residual_sums: Tensor | None = None,
-    loser: Tensor | None = None,
-) -> None:
-    """One pass over the classes of a tile: max, first arg-max and (optionally) sums over the other classes.
-
-    Args:
-        probs: probabilities [n, C, l] in the compute dtype (a view is fine).
-        max_prob: out [n, l], the max over classes (non-finite if any class is NaN or the max is inf).
-        argmax: out [n, l], the first arg-max as a float (exact up to 2^24 classes).
-        is_new_max: scratch [n, l].
-        residual_sums: out [2, n, l] or None: the sum and the sum of squares of every class but the arg-max.
-        loser: scratch [n, l], needed with `residual_sums`.
-    """
-    class_ids = torch.arange(probs.shape[1], dtype=argmax.dtype, device=argmax.device)
-    max_prob.copy_(probs[:, 0])
-    argmax.zero_()
-    if residual_sums is not None:
-        residual_sums.zero_()
-    for c in range(1, probs.shape[1]):
-        prob_c = probs[:, c]
-        # Classes arrive in order, so a strictly larger value hands the arg-max to c (ties keep the first class).
-        # lerp with a 0/1 weight is an exact select, and cheaper than torch.where / minimum / maximum here.
-        torch.gt(prob_c, max_prob, out=is_new_max)
-        torch.lerp(argmax, class_ids[c], is_new_max, out=argmax)
-        if residual_sums is not None:
-            # The loser of (p_c, running max) is never the arg-max entry: summing losers leaves exactly that one out.
-            torch.lerp(prob_c, max_prob, is_new_max, out=loser)
-            residual_sums[0].add_(loser)
-            residual_sums[1].addcmul_(loser, loser)
-        torch.lerp(max_prob, prob_c, is_new_max, out=max_prob)
 
 
 def _features(max_prob: Tensor, residual_sums: Tensor, a: Tensor, b: Tensor, num_classes: int, kappa: float) -> None:
@@ -199,24 +143,6 @@ def _cluster_moments(total: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Ten
     return count, mean, var
 
 
-class _Tiling:
-    """Pixel ranges [start, stop) that every pass walks, and the [n, 2, size] feature view of one range.
-
-    The features live in one [n, 2 * pixels] buffer with each tile's a row and b row side by side, so a tile's
-    features are contiguous and `torch.bmm` reads them without a copy.
-    """
-
-    def __init__(self, n: int, pixels: int, device: torch.device) -> None:
-        # One tile off the CPU, where caches are not the bottleneck.
-        step = max(pixels, 1) if device.type != "cpu" else max(256, _CPU_TILE_PIXELS // max(n, 1))
-        self.ranges = [(start, min(start + step, pixels)) for start in range(0, max(pixels, 1), step)]
-        self.span = self.ranges[0][1] - self.ranges[0][0]
-
-    @staticmethod
-    def features(features: Tensor, start: int, stop: int) -> Tensor:
-        return features[:, 2 * start : 2 * stop].unflatten(1, (2, stop - start))
-
-
 @torch.no_grad()
 def csl_select(
     probs: Tensor,
@@ -247,7 +173,7 @@ def csl_select(
     Returns:
         The Selection, with per-image stats.
     """
-    n, num_classes, height, width = _check_inputs(probs, valid)
+    n, num_classes, height, width = check_inputs(probs, valid)
     if residual_rule not in ("csl", "covar"):
         raise ValueError(f"residual_rule must be csl or covar, got {residual_rule!r}")
     if residual_variance not in ("released", "population"):
@@ -259,7 +185,7 @@ def csl_select(
     dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
     kappa = (num_classes - 2) / (num_classes - 1) ** 2 if residual_variance == "released" else 1.0 / (num_classes - 1)
     probs_flat, valid_flat = probs.reshape(n, num_classes, pixels), valid.reshape(n, pixels)
-    tiling = _Tiling(n, pixels, device)
+    tiling = Tiling(n, pixels, device)
 
     def buffer(*shape: int, dt: torch.dtype = dtype) -> Tensor:
         return torch.empty(*shape, dtype=dt, device=device)
@@ -282,7 +208,7 @@ def csl_select(
         if upcast_tile is not None:
             probs_tile = upcast_tile[:, :, :size].copy_(probs_tile)
         max_tile, sums_tile = max_prob[:, :size], residual_sums[:, :, :size]
-        _class_pass(probs_tile, max_tile, argmax[:, :size], is_new_max[:, :size], sums_tile, loser[:, :size])
+        class_pass(probs_tile, max_tile, argmax[:, :size], is_new_max[:, :size], sums_tile, loser[:, :size])
         confidence[:, start:stop].copy_(max_tile)
         labels[:, start:stop].copy_(argmax[:, :size])
         usable = weights[:, start:stop].copy_(valid_flat[:, start:stop])
@@ -356,34 +282,6 @@ def csl_select(
     )
 
 
-def _max_argmax(probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Max probability float32 [N, H, W], first arg-max int64 [N, H, W], and whether every class is finite."""
-    n, num_classes, height, width = probs.shape
-    pixels = height * width
-    device = probs.device
-    dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    probs_flat = probs.reshape(n, num_classes, pixels)
-    tiling = _Tiling(n, pixels, device)
-    confidence = torch.empty(n, pixels, dtype=torch.float32, device=device)
-    labels = torch.empty(n, pixels, dtype=torch.int64, device=device)
-    finite = torch.empty(n, pixels, dtype=torch.bool, device=device)
-    span = tiling.span
-    max_prob, argmax, is_new_max, class_sum = (torch.empty(n, span, dtype=dtype, device=device) for _ in range(4))
-    upcast_tile = torch.empty(n, num_classes, span, dtype=dtype, device=device) if probs.dtype != dtype else None
-    for start, stop in tiling.ranges:
-        size = stop - start
-        probs_tile = probs_flat[:, :, start:stop]
-        if upcast_tile is not None:
-            probs_tile = upcast_tile[:, :, :size].copy_(probs_tile)
-        _class_pass(probs_tile, max_prob[:, :size], argmax[:, :size], is_new_max[:, :size])
-        confidence[:, start:stop].copy_(max_prob[:, :size])
-        labels[:, start:stop].copy_(argmax[:, :size])
-        # The max misses a -inf in another class; the class sum is non-finite if any class is.
-        finite[:, start:stop] = torch.isfinite(torch.sum(probs_tile, dim=1, out=class_sum[:, :size]))
-    shape = (n, height, width)
-    return confidence.view(shape), labels.view(shape), finite.view(shape)
-
-
 @torch.no_grad()
 def threshold_select(probs: Tensor, valid: Tensor, *, threshold: float) -> Selection:
     """FixMatch / UniMatch baseline: w = 1[max prob >= threshold] on valid pixels with finite probabilities.
@@ -393,8 +291,8 @@ def threshold_select(probs: Tensor, valid: Tensor, *, threshold: float) -> Selec
         valid: bool [N, H, W].
         threshold: confidence threshold tau.
     """
-    _check_inputs(probs, valid)
-    confidence, labels, finite = _max_argmax(probs)
+    check_inputs(probs, valid)
+    confidence, labels, finite = max_argmax(probs)
     keep = (confidence >= threshold) & valid & finite
     return Selection(weights=keep.float(), labels=labels, reliable=keep, confidence=confidence)
 
@@ -407,8 +305,8 @@ def none_select(probs: Tensor, valid: Tensor) -> Selection:
         probs: teacher softmax [N, C, H, W], any float dtype, any device.
         valid: bool [N, H, W].
     """
-    _check_inputs(probs, valid)
-    confidence, labels, finite = _max_argmax(probs)
+    check_inputs(probs, valid)
+    confidence, labels, finite = max_argmax(probs)
     keep = valid & finite
     return Selection(weights=keep.float(), labels=labels, reliable=keep, confidence=confidence)
 
