@@ -1,6 +1,6 @@
 """Segmentation metrics from a confusion matrix kept on the model's device (torchvision references style).
 
-    cm = ConfusionMatrix(num_classes=21, device="cuda")
+    cm = ConfusionMatrix(num_classes=21, ignore_index=255, device="cuda")
     for pred, target in ...:
         cm.update(pred, target)
     cm.all_reduce()  # once per evaluation; a no-op without torch.distributed
@@ -24,7 +24,7 @@ class ConfusionMatrix:
         device: where the counts live; keep it on the prediction's device so an update never copies to the host.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+    def __init__(self, num_classes: int, ignore_index: int, device: torch.device | str | None = None) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes

@@ -117,7 +117,7 @@ def palette(num_classes: int) -> np.ndarray:
     return colors
 
 
-def label_rgb(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+def label_rgb(labels: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
     """Class map [H, W] -> uint8 [H, W, 3] in the VOC colours; ignored pixels white."""
     colors = np.concatenate([palette(num_classes), np.full((1, 3), 255, dtype=np.uint8)])
     idx = np.where((labels == ignore_index) | (labels < 0) | (labels >= num_classes), num_classes, labels)
@@ -214,7 +214,7 @@ def val_panels(
     num_classes: int,
     mode: str,
     crop_size: int,
-    ignore_index: int = 255,
+    ignore_index: int,
 ) -> dict[str, np.ndarray]:
     """What the model makes of one validation image, as uint8 [H, W, 3] images.
 
@@ -256,7 +256,7 @@ def pseudo_label_panels(
     *,
     selector: Any,
     num_classes: int,
-    ignore_index: int = 255,
+    ignore_index: int,
 ) -> list[dict[str, np.ndarray]]:
     """What the selector and TMP make of a batch of unlabelled training rows, one dict of images per row.
 

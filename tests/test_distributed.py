@@ -33,7 +33,7 @@ def rank_worker(rank, rendezvous, results):
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT
     )
     try:
-        matrix = ConfusionMatrix(num_classes=3)
+        matrix = ConfusionMatrix(num_classes=3, ignore_index=255)
         matrix.update(*local_pairs(rank))
         matrix.all_reduce()
 
@@ -71,7 +71,7 @@ def ranks(tmp_path_factory):
 
 
 def test_confusion_matrix_all_reduce_sums_the_ranks(ranks):
-    expected = ConfusionMatrix(num_classes=3)
+    expected = ConfusionMatrix(num_classes=3, ignore_index=255)
     for rank in range(WORLD_SIZE):
         expected.update(*local_pairs(rank))
     for result in ranks:

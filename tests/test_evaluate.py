@@ -144,7 +144,7 @@ def test_pseudo_label_panels_show_selection_correctness_and_the_tmp_view():
     image = painted(predicted)
     batch = {"image_weak": image, "image_masked": image.flip(-1), "tmp_cells": cells, "valid": valid, "mask": truth}
     rows = pseudo_label_panels(
-        Oracle(), batch, selector=lambda p, v: threshold_select(p, v, threshold=0.5), num_classes=C
+        Oracle(), batch, selector=lambda p, v: threshold_select(p, v, threshold=0.5), num_classes=C, ignore_index=255
     )
     assert len(rows) == 2 and all(list(r) == list(PSEUDO_LABEL_COLUMNS) for r in rows)
     mean_rgb = torch.tensor([round(255 * m) for m in MEAN], dtype=torch.uint8)

@@ -22,7 +22,7 @@ def test_confusion_matrix_hand_example():
 
 
 def test_updates_accumulate_and_ignore_never_counts():
-    cm = ConfusionMatrix(num_classes=3)
+    cm = ConfusionMatrix(num_classes=3, ignore_index=255)
     target = torch.randint(0, 3, (2, 5, 6))
     target[:, :2] = 255
     for _ in range(2):
@@ -31,7 +31,7 @@ def test_updates_accumulate_and_ignore_never_counts():
 
 
 def test_perfect_prediction_and_empty_matrix():
-    cm = ConfusionMatrix(num_classes=3)
+    cm = ConfusionMatrix(num_classes=3, ignore_index=255)
     assert math.isnan(cm.miou()) and math.isnan(cm.pixel_acc())
     target = torch.tensor([[0, 1, 2, 2]])
     cm.update(target.clone(), target)
@@ -39,7 +39,7 @@ def test_perfect_prediction_and_empty_matrix():
 
 
 def test_all_reduce_without_distributed_is_a_no_op():
-    cm = ConfusionMatrix(num_classes=2)
+    cm = ConfusionMatrix(num_classes=2, ignore_index=255)
     cm.update(torch.tensor([0, 1]), torch.tensor([0, 0]))
     before = cm.mat.clone()
     cm.all_reduce()
@@ -47,5 +47,6 @@ def test_all_reduce_without_distributed_is_a_no_op():
 
 
 def test_shape_mismatch_raises():
+    matrix = ConfusionMatrix(num_classes=2, ignore_index=255)
     with pytest.raises(ValueError, match="shape"):
-        ConfusionMatrix(num_classes=2).update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))
+        matrix.update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))
