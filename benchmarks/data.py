@@ -100,7 +100,8 @@ def run(name: str, root: str, crop: int, epochs: int, cpus: int, repeats: int, r
     params = view_params(cfg)
     stream = Stream(root, "unlabeled", row_groups(root, "unlabeled"), seed=0, num_epochs=epochs)
     runs: dict[str, list[tuple]] = {}
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    # address=local: a private Ray of exactly `cpus` CPUs, never a cluster that `ray start` left on the machine.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().op_resource_reservation_enabled = reservation
     for label, workers in (("Ray Data, tasks", 0), (f"Ray Data, {cpus} actors", cpus)):
         # One untimed pass first: it starts Ray's worker processes (each imports torch, seconds here), which a

@@ -31,8 +31,9 @@ import torch
 from csl_ray.config import Config, load_config
 from csl_ray.data.pipeline import iter_local
 from csl_ray.loop import run_local
+from csl_ray.ray_session import data_cpus
 from csl_ray.tracking import RunDir
-from csl_ray.train import data_cpus, fit
+from csl_ray.train import fit
 
 
 def steady_rate(points: list[tuple[int, float]], warmup: int) -> float:
@@ -103,7 +104,8 @@ def main() -> None:
         # Logical CPUs for 2 workers plus their data pipelines, even above the physical count (see init_ray).
         # Ray runs its workers at nice 15; on a shared machine that alone would slow them against the plain loop.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=int(2 * args.threads + data_cpus(two)) + 1, include_dashboard=False)
+        # address=local: a private Ray of exactly this size even when a cluster runs on the machine.
+        ray.init(address="local", num_cpus=int(2 * args.threads + data_cpus(two)) + 1, include_dashboard=False)
         try:
             rates["ray 1 worker"] = bench_ray(config(args, 1, out), args.warmup)
             rates["ray 2 workers"] = bench_ray(two, args.warmup)

@@ -5,9 +5,10 @@
     summary = train(load_config(preset="tiny"))                 # from Python
 
 What runs where:
-- The driver (`train`) attaches to `ray.address` / `RAY_ADDRESS` (set by `ray job submit`) or starts a local Ray
-  sized for the job, writes the run directory (`<train.output_dir>/<name>/`, see csl_ray/tracking.py), builds the
-  Ray Data pipelines, fits the trainer and prints the result table.
+- The driver (`train`) attaches to `ray.address` / `RAY_ADDRESS` (set by `ray job submit`) or to a cluster started
+  on this machine, or starts a local Ray sized for the job (csl_ray/ray_session.py), writes the run directory
+  (`<train.output_dir>/<name>/`, see csl_ray/tracking.py), builds the Ray Data pipelines, fits the trainer and
+  prints the result table.
 - Each Train worker runs `train_worker`: a `TrainLoop` on its device, wrapped in DDP when there are several
   workers; labelled batches of B = global_batch_size / num_workers from the whole labelled set (every rank sees
   all of it, in its own order) and 2B unlabelled rows per iteration from this rank's share of the unlabelled stream
@@ -86,7 +87,6 @@ from csl_ray.config import (
     resolve_iterations,
 )
 from csl_ray.data.pipeline import (
-    DECODE_CPUS,
     build_datasets,
     dataset_root,
     iter_local,
@@ -98,6 +98,7 @@ from csl_ray.data.shards import read_manifest
 from csl_ray.evaluate import eval_options, evaluate
 from csl_ray.loop import TrainLoop
 from csl_ray.model import build_model
+from csl_ray.ray_session import init_ray
 from csl_ray.selection import build_selector
 from csl_ray.tracking import (
     RunDir,
@@ -517,16 +518,6 @@ def _dataset(cfg: Config, split: str, storage: str, name: str) -> Any:
     return dataset
 
 
-def data_cpus(cfg: Config) -> float:
-    """Logical CPUs the data pipelines of one run should find free: with decode tasks (`data.decode_workers=0`) one
-    task's worth for each stream read at once (every rank's labelled stream and the shared unlabelled one); with
-    actor pools, the pools of those streams and of every rank's validation stream (which Ray Data starts anew)."""
-    workers = max(cfg.ray.num_workers, 1)
-    if cfg.data.decode_workers == 0:
-        return (workers + 1) * DECODE_CPUS
-    return (2 * workers + 1) * cfg.data.decode_workers * DECODE_CPUS
-
-
 def scaling_config(cfg: Config) -> ScalingConfig:
     """Workers and their resources; `ray.num_workers=0` is Train's in-process local mode (tests, debugging)."""
     resources = {"CPU": cfg.ray.cpus_per_worker}
@@ -611,23 +602,6 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
     run.write_results(summary)
     run.plot()
     return summary
-
-
-def init_ray(cfg: Config) -> bool:
-    """Connects to `ray.address` / RAY_ADDRESS, or starts a local Ray sized for the job; True if started here.
-
-    A local Ray gets enough logical CPUs for the fractional Train workers plus the data pipelines (`data_cpus`),
-    even above the physical count: Ray Data starves, and the run hangs, when the workers reserve every CPU.
-    """
-    if ray.is_initialized():
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return False
-    workers = max(cfg.ray.num_workers, 1) * cfg.ray.cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(workers + data_cpus(cfg))))
-    return True
 
 
 def format_iou_table(class_names: Sequence[str], iou_per_class: Sequence[float | None]) -> list[str]:

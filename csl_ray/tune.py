@@ -36,8 +36,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from csl_ray.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, valid_keys, validate
+from csl_ray.ray_session import data_cpus
 from csl_ray.tracking import plot_xy
-from csl_ray.train import data_cpus, fit, storage_path, with_iterations
+from csl_ray.train import fit, storage_path, with_iterations
 
 DEFAULT_SPACE: dict[str, list[Any]] = {
     "ssl.tmp.mask_ratio": [0.5, 0.7, 0.9],

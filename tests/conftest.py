@@ -19,6 +19,10 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=150_000_000, log_to_driver=False)
+        # address=local: never attach to a cluster `ray start` left on the machine (or another test's, see
+        # test_ray_session.py), whose CPUs and state this session does not own.
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, object_store_memory=150_000_000, log_to_driver=False
+        )
     yield ray
     ray.shutdown()

@@ -193,7 +193,8 @@ class TrainConfig:
 @dataclass
 class RayConfig:
     address: str | None = None
-    """Ray cluster address; None = RAY_ADDRESS if set (ray job submit), else a local Ray."""
+    """Ray cluster address; None = RAY_ADDRESS if set (ray job submit), else a cluster started on this machine with
+    `ray start`, else a new local Ray; `local` always starts a new local Ray."""
     num_workers: int = 1
     """Ray Train workers (DDP ranks); 0 = Train local mode in the driver process."""
     use_gpu: bool = False

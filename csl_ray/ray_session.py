@@ -1,0 +1,102 @@
+"""Which Ray a job runs on: attach to a cluster that is there, or start a local one sized for the job.
+
+A bare `ray.init()` attaches to RAY_ADDRESS (set by `ray job submit`) or, failing that, to the address that
+`ray start --head` records in Ray's temp dir (`<RAY_TMPDIR or TMPDIR or /tmp>/ray/ray_current_cluster`). A job that
+means to start its own Ray must pass resources (`num_cpus`), which Ray refuses once it has found a cluster; and the
+address file outlives a cluster that died, so a bare `ray.init()` would then try to reach nothing. `init_ray`:
+
+1. `ray.address` or RAY_ADDRESS given: attaches there (`ray.address=local` always starts a new local Ray instead).
+2. Else a live cluster in the address file (a `ray start --head` on this machine): attaches to it.
+3. Else (no file, or one whose cluster no longer answers): starts a local Ray with enough logical CPUs.
+
+Attaching prints one line on stderr naming the cluster and its resources, and warns when they are fewer than the
+job asks for (its Train workers would wait for them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+
+import ray
+
+from csl_ray.config import Config
+from csl_ray.data.pipeline import DECODE_CPUS
+
+LOCAL = "local"
+"""`ray.address=local`: start a new local Ray even when a cluster runs on this machine (Ray's own keyword)."""
+
+
+def data_cpus(cfg: Config) -> float:
+    """Logical CPUs the data pipelines of one run should find free: with decode tasks (`data.decode_workers=0`) one
+    task's worth for each stream read at once (every rank's labelled stream and the shared unlabelled one); with
+    actor pools, the pools of those streams and of every rank's validation stream (which Ray Data starts anew)."""
+    workers = max(cfg.ray.num_workers, 1)
+    if cfg.data.decode_workers == 0:
+        return (workers + 1) * DECODE_CPUS
+    return (2 * workers + 1) * cfg.data.decode_workers * DECODE_CPUS
+
+
+def job_cpus(cfg: Config) -> float:
+    """Logical CPUs one run asks for: its Train workers' share plus its data pipelines'."""
+    return max(cfg.ray.num_workers, 1) * cfg.ray.cpus_per_worker + data_cpus(cfg)
+
+
+def recorded_cluster_address() -> str | None:
+    """The address `ray start --head` recorded for this machine, if the file is there (the cluster may be dead).
+
+    Read through Ray's own helper so the file's location follows Ray's rules (RAY_TMPDIR, TMPDIR, /tmp).
+    """
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address() or None
+
+
+def is_listening(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at `host:port` (a cluster's GCS answers at its address)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _attach(address: str | None, why: str, cfg: Config) -> None:
+    """Attaches to `address` (None: the cluster in the address file, found as Ray finds it) and says so."""
+    ray.init(address=address)
+    address = address or ray.get_runtime_context().gcs_address
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    line = f"csl-ray: attached to the Ray cluster at {address} ({why}; {cpus:g} CPUs, {gpus:g} GPUs)"
+    if cpus < job_cpus(cfg) or (cfg.ray.use_gpu and gpus < cfg.ray.num_workers * cfg.ray.gpus_per_worker):
+        line += f"; fewer than this run asks for ({job_cpus(cfg):g} CPUs for Train workers and data): it may wait for them"
+    print(line, file=sys.stderr, flush=True)
+
+
+def init_ray(cfg: Config) -> bool:
+    """Attaches to the cluster named or found (see the module docstring), else starts a local Ray sized for the job.
+
+    A local Ray gets enough logical CPUs for the fractional Train workers plus the data pipelines (`data_cpus`),
+    even above the physical count: Ray Data starves, and the run hangs, when the workers reserve every CPU.
+
+    Returns:
+        True when this call started Ray (the caller shuts it down), False when it attached or Ray was already up.
+    """
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address and address != LOCAL:
+        _attach(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS", cfg)
+        return False
+    recorded = recorded_cluster_address()
+    if address != LOCAL and recorded and is_listening(recorded):
+        # No address argument: Ray then reads the file itself and, as for any cluster it finds on its own, sends
+        # the machine's auth token (~/.ray/auth_token), which `ray start` clusters require since Ray 2.59.
+        _attach(None, "started with `ray start`; ray.address=local starts a private one instead", cfg)
+        return False
+    # address="local" makes Ray start a new instance even though an address file (stale here) exists.
+    ray.init(address=LOCAL, num_cpus=max(os.cpu_count() or 1, math.ceil(job_cpus(cfg))))
+    return True
