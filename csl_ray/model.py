@@ -81,14 +81,20 @@ def backbone_weights(
     return weights
 
 
-def load_backbone_file(backbone: nn.Module, name: str, path: str | Path) -> None:
-    """Loads local backbone weights (.pth / .bin / .safetensors, possibly wrapped in `state_dict` / `model` and
-    prefixed by `module.`; read by timm) into a `features_only` backbone through `backbone_weights`, strictly."""
+def read_backbone_file(backbone: nn.Module, name: str, path: str | Path) -> dict[str, torch.Tensor]:
+    """Local backbone weights (.pth / .bin / .safetensors, possibly wrapped in `state_dict` / `model` and prefixed by
+    `module.`; read by timm), checked against a `features_only` backbone by `backbone_weights` (which may live on the
+    meta device: only its keys and shapes are read)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     state_dict = timm.models.load_state_dict(str(path), weights_only=True)
-    backbone.load_state_dict(backbone_weights(state_dict, backbone, name, str(path)), strict=True)
+    return backbone_weights(state_dict, backbone, name, str(path))
+
+
+def load_backbone_file(backbone: nn.Module, name: str, path: str | Path) -> None:
+    """Loads local backbone weights (see `read_backbone_file`) into a `features_only` backbone, strictly."""
+    backbone.load_state_dict(read_backbone_file(backbone, name, path), strict=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

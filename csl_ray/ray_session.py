@@ -72,7 +72,7 @@ def _attach(address: str | None, why: str, cfg: Config) -> None:
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     line = f"csl-ray: attached to the Ray cluster at {address} ({why}; {cpus:g} CPUs, {gpus:g} GPUs)"
     if cpus < job_cpus(cfg) or (cfg.ray.use_gpu and gpus < cfg.ray.num_workers * cfg.ray.gpus_per_worker):
-        line += f"; fewer than this run asks for ({job_cpus(cfg):g} CPUs for Train workers and data): it may wait for them"
+        line += f"; fewer than this run asks for ({job_cpus(cfg):g} CPUs for Train workers and data): it may wait"
     print(line, file=sys.stderr, flush=True)
 
 

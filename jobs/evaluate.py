@@ -14,7 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
+from csl_ray.config import ConfigError, load_config
 from csl_ray.evaluate import MODES
+from csl_ray.preflight import check_dataset, check_writable, usage_error
 from csl_ray.train import draw_pseudo_labels, evaluate_checkpoint, format_iou_table
 
 
@@ -48,6 +50,15 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = Path(results["best_checkpoint"] or results["checkpoint"])
     if not (checkpoint / "state.pt").is_file():
         parser.error(f"{checkpoint}: not a checkpoint directory (no state.pt) or run directory (no results.json)")
+    try:  # before any work: a bad root or output path costs a second, not an evaluation
+        cfg = load_config(path=checkpoint / "config.yaml")
+        cfg.data.root = args.root or cfg.data.root
+        check_dataset(cfg)
+        check_writable("--overlays", args.overlays)
+        check_writable("--pseudo-labels", args.pseudo_labels, is_file=True)
+        check_writable("--json", args.json, is_file=True)
+    except ConfigError as err:
+        usage_error(parser, err)
     result = evaluate_checkpoint(
         checkpoint,
         root=args.root,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 from csl_ray.config import ConfigError, reference_text
+from csl_ray.preflight import check_run, usage_error
 from csl_ray.train import add_config_arguments, config_from_arguments, train
 
 
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_arguments(args)
+        check_run(cfg)  # before Ray starts or the run directory is written
     except ConfigError as err:
-        parser.error(str(err))
+        usage_error(parser, err)
     train(cfg)
 
 

@@ -17,6 +17,7 @@ import argparse
 import ray
 
 from csl_ray.config import ConfigError, reference_text
+from csl_ray.preflight import check_run, usage_error
 from csl_ray.ray_session import init_ray
 from csl_ray.train import add_config_arguments, config_from_arguments
 from csl_ray.tune import (
@@ -87,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             fractions = [] if files else list(SMOKE_FRACTIONS if args.smoke else DEFAULT_FRACTIONS)
         splits = split_grid(fractions, files)
         check_space(cfg, space)  # before Ray starts: a typo in a key fails in a second
+        check_run(cfg)
     except ConfigError as err:
-        parser.error(str(err))
+        usage_error(parser, err)
     started_here = init_ray(cfg)
     try:
         sweep(cfg, space, splits, name=args.name, num_samples=args.num_samples, resume=args.resume)
