@@ -27,7 +27,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from csl_ray.data.convert import LAYOUTS, ConversionError, convert, format_summary
+from csl_ray.data.convert import ConversionError, convert, format_summary
+from csl_ray.data.layouts import LAYOUTS
 from csl_ray.data.shards import ShardError, verify
 
 

@@ -18,7 +18,7 @@ from csl_ray.config import (
     valid_keys,
 )
 from csl_ray.data.builtin import CLASS_NAMES
-from csl_ray.data.convert import CITYSCAPES_CLASSES, COCO_CLASSES, VOC_CLASSES
+from csl_ray.data.layouts import CITYSCAPES_CLASSES, COCO_CLASSES, VOC_CLASSES
 
 
 def test_defaults_match_spec():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csl_ray.data.convert import CITYSCAPES_CLASSES, ConversionError, convert, format_summary
+from csl_ray.data.convert import ConversionError, convert, format_summary
+from csl_ray.data.layouts import CITYSCAPES_CLASSES
 from csl_ray.data.shards import decode_image, decode_mask, read_manifest, read_split
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "prepare_data.py"
