@@ -3,7 +3,7 @@
 The work per unlabelled row is the training pipeline's: decode JPEG + PNG mask, resize/crop/flip, strong view,
 TMP view (mild + cells, or a second strong draw), CutMix box. Two datasets: the built-in one (96-px scenes, crop 64
 as in the `tiny` preset) and generated VOC-sized JPEGs (500x375, crop 321 as in the `pascal` preset). Ray Data runs
-`csl_ray.data.pipeline.ray_dataset` (tasks, and an actor pool of the same size); the DataLoader runs a map-style
+`csl_ray.data.ray_datasets.ray_dataset` (tasks, and an actor pool of the same size); the DataLoader runs a map-style
 dataset over the same encoded rows held in memory with `num_workers = --cpus`. Rows/s is over a whole pass (Ray's
 worker processes are warmed up first, as a training run pays their start once); the time to the first batch is
 reported separately. Each pipeline runs `--repeats` times and the best run counts, since a shared machine's load
@@ -31,17 +31,10 @@ from PIL import Image
 
 from csl_ray.config import load_config
 from csl_ray.data.builtin import draw_scene, ensure_builtin_dataset
-from csl_ray.data.pipeline import (
-    TORCH_DTYPES,
-    Stream,
-    decode_row,
-    ray_dataset,
-    row_generator,
-    row_groups,
-    unlabeled_views,
-    view_params,
-)
+from csl_ray.data.ray_datasets import ray_dataset
 from csl_ray.data.shards import Record, encode_mask, read_split, write_dataset
+from csl_ray.data.streams import Stream, row_groups
+from csl_ray.data.views import TORCH_DTYPES, decode_row, row_generator, unlabeled_views, view_params
 
 BATCH = 16
 

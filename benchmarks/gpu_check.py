@@ -19,7 +19,7 @@ Three sections, each timed and checked; any error is printed, recorded in the JS
    `--compile`, also a `torch.compile`d student in bf16.
 3. end_to_end: the loop the Ray workers run (`csl_ray.loop.TrainLoop`) under a 1-rank process group (nccl on CUDA,
    gloo on CPU), the student wrapped in DDP (with SyncBatchNorm on CUDA), on the built-in dataset drawn at 321 px and
-   read in-process (`csl_ray.data.pipeline.iter_local`): 50 iterations, one validation, then a checkpoint round trip
+   read in-process (`csl_ray.data.reader.iter_local`): 50 iterations, one validation, then a checkpoint round trip
    (saved, loaded into a fresh loop that must hold the same weights, optimiser state and step) and one more step.
 
 `--quick` shrinks every size (ResNet-18 at output stride 16, crop 48, 2 + 4 rows, small selector maps, a few
@@ -61,7 +61,8 @@ from benchmarks.selector import (
 from benchmarks.step import synthetic_batches
 from csl_ray.config import load_config
 from csl_ray.data.builtin import ensure_builtin_dataset
-from csl_ray.data.pipeline import dataset_root, iter_local
+from csl_ray.data.reader import iter_local
+from csl_ray.data.streams import dataset_root
 from csl_ray.loop import TrainLoop
 from csl_ray.step import PhaseTimer
 

@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from csl_ray.config import load_config
-from csl_ray.data.pipeline import dataset_root, iter_local
+from csl_ray.data.reader import iter_local
+from csl_ray.data.streams import dataset_root
 from csl_ray.loop import run_local
 
 METHODS = {

@@ -29,9 +29,9 @@ import ray
 import torch
 
 from csl_ray.config import Config, load_config
-from csl_ray.data.pipeline import iter_local
+from csl_ray.data.ray_datasets import data_cpus
+from csl_ray.data.reader import iter_local
 from csl_ray.loop import run_local
-from csl_ray.ray_session import data_cpus
 from csl_ray.tracking import RunDir
 from csl_ray.train import fit
 

@@ -23,8 +23,8 @@ import timm
 import torch
 
 from csl_ray.config import Config, ConfigError
-from csl_ray.data.pipeline import dataset_root
 from csl_ray.data.shards import ShardError
+from csl_ray.data.streams import dataset_root
 from csl_ray.model import DeepLabV3Plus, WeightsLayoutError, read_backbone_file
 
 LIST_BACKBONES = "python -c \"import timm; print(timm.list_models('resnet*'))\""

@@ -23,20 +23,10 @@ import sys
 import ray
 
 from csl_ray.config import Config
-from csl_ray.data.pipeline import DECODE_CPUS
+from csl_ray.data.ray_datasets import data_cpus
 
 LOCAL = "local"
 """`ray.address=local`: start a new local Ray even when a cluster runs on this machine (Ray's own keyword)."""
-
-
-def data_cpus(cfg: Config) -> float:
-    """Logical CPUs the data pipelines of one run should find free: with decode tasks (`data.decode_workers=0`) one
-    task's worth for each stream read at once (every rank's labelled stream and the shared unlabelled one); with
-    actor pools, the pools of those streams and of every rank's validation stream (which Ray Data starts anew)."""
-    workers = max(cfg.ray.num_workers, 1)
-    if cfg.data.decode_workers == 0:
-        return (workers + 1) * DECODE_CPUS
-    return (2 * workers + 1) * cfg.data.decode_workers * DECODE_CPUS
 
 
 def job_cpus(cfg: Config) -> float:

@@ -14,10 +14,9 @@ What runs where:
   all of it, in its own order) and 2B unlabelled rows per iteration from this rank's share of the unlabelled stream
   (`streaming_split(equal=True)`, so every rank runs the same number of steps). The schedule is per iteration, so
   the recipe does not depend on the worker count; the global batch is B x num_workers.
-- Validation every `train.eval_every` iterations and at the end: each rank scores the validation images whose
-  index is its rank modulo world_size and `evaluate` all-reduces the confusion matrix, so the mIoU is exactly the
-  whole-set mIoU at 1/world_size of the forward passes (scoring the whole set on every rank would give the same
-  number for world_size times the work).
+- Validation every `train.eval_every` iterations and at the end: the validation stream is split across the ranks
+  before decoding (each image to one rank, `RunDataConfig`) and `evaluate` all-reduces the confusion matrix, so the
+  mIoU is exactly the whole-set mIoU at 1/world_size of the decoding and forward passes.
 - Checkpoints every `train.checkpoint_every` iterations and at every validation: rank 0 writes the loop state
   (student, teacher, optimiser, step, RNG, best mIoU) and the resolved config to a temp dir, and every rank calls
   `ray.train.report` (a barrier). Ray keeps the `ray.num_to_keep` best by mIoU plus the latest under
@@ -69,7 +68,6 @@ import ray.train.torch
 import torch
 from ray.train import (
     CheckpointConfig,
-    DataConfig,
     FailureConfig,
     LoggingConfig,
     RunConfig,
@@ -86,15 +84,16 @@ from csl_ray.config import (
     load_config,
     resolve_iterations,
 )
-from csl_ray.data.pipeline import (
-    build_datasets,
-    dataset_root,
-    iter_local,
+from csl_ray.data.ray_datasets import (
+    RunDataConfig,
+    RunDatasets,
     labeled_batches,
     unlabeled_batches,
     val_batches,
 )
+from csl_ray.data.reader import iter_local
 from csl_ray.data.shards import read_manifest
+from csl_ray.data.streams import dataset_root
 from csl_ray.evaluate import eval_options, evaluate
 from csl_ray.loop import TrainLoop
 from csl_ray.model import build_model
@@ -356,7 +355,7 @@ class _Reporter:
         self.window: dict[str, float] = {}
 
     def validate(self) -> dict[str, Any]:
-        batches = val_batches(self.val_shard, rank=self.rank, world_size=self.world_size)
+        batches = val_batches(self.val_shard)
         self.result = self.loop.validate(_remember_first(batches, self.first_val))
         self.window = self.since_eval.pop()
         if self.tracker is not None:
@@ -505,19 +504,6 @@ def resume_step(storage: str, name: str) -> int:
     return int(latest.metrics["step"]) if latest.metrics else 0
 
 
-def _dataset(cfg: Config, split: str, storage: str, name: str) -> Any:
-    """One of the run's Ray Datasets, planned from the iteration the workers resume at.
-
-    Passed to the trainer as a callable, so Ray Train re-plans at every worker-group start: after a restart the
-    streams continue from the checkpoint's epoch instead of replaying the run from its first batch.
-    """
-    dataset = build_datasets(cfg, start_iteration=resume_step(storage, name))[split]
-    # The driver's status line is the progress report; per-rank, per-operator bars from every worker drown it.
-    dataset.context.enable_progress_bars = False
-    dataset.context.print_on_execution_start = False
-    return dataset
-
-
 def scaling_config(cfg: Config) -> ScalingConfig:
     """Workers and their resources; `ray.num_workers=0` is Train's in-process local mode (tests, debugging)."""
     resources = {"CPU": cfg.ray.cpus_per_worker}
@@ -528,10 +514,11 @@ def scaling_config(cfg: Config) -> ScalingConfig:
 
 def build_trainer(
     cfg: Config, name: str, run: RunDir, callbacks: Sequence[UserCallback] = ()
-) -> ray.train.torch.TorchTrainer:
-    """The TorchTrainer of one run (also what each Tune trial fits)."""
+) -> tuple[ray.train.torch.TorchTrainer, RunDatasets]:
+    """The TorchTrainer of one run (also what each Tune trial fits) and its datasets (which log corrupt rows)."""
     local = cfg.ray.num_workers == 0
     storage = storage_path(cfg)
+    datasets = RunDatasets(cfg, start_iteration=partial(resume_step, storage, name))
     env = {FAIL_AT_STEP_ENV: os.environ[FAIL_AT_STEP_ENV]} if os.environ.get(FAIL_AT_STEP_ENV) else {}
     loop_config = {
         "cfg": config_to_dict(cfg),
@@ -553,16 +540,15 @@ def build_trainer(
         # The controller's INFO lines (worker-group starts, snapshots) would bury RunMonitor's status line.
         logging_config=LoggingConfig(log_level="WARNING"),
     )
-    return ray.train.torch.TorchTrainer(
+    trainer = ray.train.torch.TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
         scaling_config=scaling_config(cfg),
         run_config=run_config,
-        datasets={split: partial(_dataset, cfg, split, storage, name) for split in ("labeled", "unlabeled", "val")},
-        # Only the unlabelled stream is split (equal rows per rank keeps DDP in step); every rank reads the
-        # labelled stream whole in its own order, and the whole val stream, scoring its index % world_size share.
-        dataset_config=DataConfig(datasets_to_split=["unlabeled"]),
+        datasets=datasets.for_trainer(),
+        dataset_config=RunDataConfig(),
     )
+    return trainer, datasets
 
 
 def with_iterations(cfg: Config) -> Config:
@@ -587,7 +573,7 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
     run = RunDir(Path(cfg.train.output_dir).expanduser().resolve() / name)  # absolute: Ray processes have other cwds
     run.write_config(cfg)
     started = time.monotonic()
-    trainer = build_trainer(cfg, name, run, callbacks)
+    trainer, datasets = build_trainer(cfg, name, run, callbacks)
     result = trainer.fit()
     best = result.get_best_checkpoint("score", "max") if result.best_checkpoints else None
     summary = {
@@ -597,6 +583,7 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": best.path if best else None,
         "wall_time_s": time.monotonic() - started,
+        "corrupt_rows": datasets.corrupt.rows(),
     }
     summary["iou_per_class"] = [None if math.isnan(v) else v for v in summary["iou_per_class"]]
     run.write_results(summary)
@@ -631,6 +618,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     for key, label in (("pseudo_acc_selected", "selected"), ("pseudo_acc_rejected", "rejected")):
         if key in train:
             lines.append(f"pseudo-label accuracy {label:<9}{train[key]:.3f}")
+    lines.append(f"corrupt rows   {len(summary['corrupt_rows'])} skipped (listed in results.json)")
     lines.append(f"checkpoint     {summary['checkpoint']}")
     return "\n".join(lines)
 

@@ -36,7 +36,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from csl_ray.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, valid_keys, validate
-from csl_ray.ray_session import data_cpus
+from csl_ray.data.ray_datasets import data_cpus
 from csl_ray.tracking import plot_xy
 from csl_ray.train import fit, storage_path, with_iterations
 

@@ -9,19 +9,19 @@ from PIL import Image
 
 from csl_ray.config import ConfigError, load_config
 from csl_ray.data.builtin import CLASS_NAMES, draw_scene
-from csl_ray.data.pipeline import (
-    TORCH_DTYPES,
-    CorruptRowError,
+from csl_ray.data.ray_datasets import (
+    CorruptRowLog,
+    RunDataConfig,
+    RunDatasets,
     build_datasets,
-    corrupt_rows,
-    iter_local,
     labeled_batches,
-    labeled_subset,
-    plan_streams,
     unlabeled_batches,
     val_batches,
 )
+from csl_ray.data.reader import iter_local
 from csl_ray.data.shards import Record, encode_mask, write_dataset
+from csl_ray.data.streams import labeled_subset, plan_streams
+from csl_ray.data.views import TORCH_DTYPES, CorruptRowError
 
 CROP = 16
 SHAPES = {
@@ -168,8 +168,7 @@ def test_ray_datasets_match_local_rows_and_schema(ray_session, root):
     assert {k: (tuple(v.shape), v.dtype) for k, v in batch.items()} == {
         k: ((2, *SHAPES["labeled"][k]), TORCH_DTYPES["labeled"][k]) for k in SHAPES["labeled"]
     }
-    shares = [[int(b["index"]) for b in val_batches(datasets["val"], rank=r, world_size=2)] for r in (0, 1)]
-    assert sorted(shares[0] + shares[1]) == [0, 1, 2] and not set(shares[0]) & set(shares[1])
+    assert [int(b["index"]) for b in val_batches(datasets["val"])] == [0, 1, 2]
 
 
 def test_streaming_split_covers_every_unlabelled_row_once_per_epoch(ray_session, root):
@@ -194,13 +193,50 @@ def test_streaming_split_covers_every_unlabelled_row_once_per_epoch(ray_session,
         assert sorted(i for e, i in counts if e == epoch) == list(range(12))
 
 
-def test_ray_corrupt_rows_are_counted_or_fail_naming_shard_and_row(ray_session, tmp_path):
+def test_ray_corrupt_rows_are_counted_once_each_or_fail_naming_shard_and_row(ray_session, tmp_path):
     root = make_root(tmp_path / "bad", corrupt=2)
     cfg = config(root, "train.iterations=1")
-    before = len(corrupt_rows())
-    rows = sum(len(b["index"]) for b in build_datasets(cfg)["unlabeled"].iter_batches(batch_size=None))
+    corrupt = CorruptRowLog()
+    rows = sum(len(b["index"]) for b in build_datasets(cfg, corrupt=corrupt)["unlabeled"].iter_batches(batch_size=None))
     assert rows == 2 * 11  # two epochs of the 11 good rows
-    assert len(corrupt_rows()) - before == 2 and "row 2 (id 'unlabeled-2')" in corrupt_rows()[-1]
+    # Met in both epochs (and again on any task retry), counted once: the log keeps rows, not reports.
+    assert len(corrupt.rows()) == 1 and "row 2 (id 'unlabeled-2')" in corrupt.rows()[0]
+    corrupt({"unlabeled/part-00000.parquet row 2": "reported again, as a retried task would"})
+    assert len(corrupt.rows()) == 1
     strict = build_datasets(config(root, "train.iterations=1", "data.strict=true"))["unlabeled"]
     with pytest.raises(Exception, match=r"unlabeled/part-00000.parquet row 2"):
         strict.take_all()
+
+
+def test_a_run_plans_its_datasets_once_per_worker_group_start(ray_session, root):
+    starts = []
+
+    def resume_step():
+        starts.append(len(starts))
+        return 0
+
+    run = RunDatasets(config(root), start_iteration=resume_step)
+    callables = run.for_trainer()
+    first = {split: make() for split, make in callables.items()}  # what Train does at each worker-group start
+    assert set(first) == {"labeled", "unlabeled", "val"} and len(starts) == 1
+    second = {split: make() for split, make in callables.items()}  # a restart re-plans, once
+    assert len(starts) == 2 and all(second[s] is not first[s] for s in first)
+
+
+def test_validation_is_split_across_ranks_before_decoding(ray_session, root):
+    run = RunDatasets(config(root), start_iteration=lambda: 0)
+    val = run.for_trainer()["val"]()
+    shards = [shard["val"] for shard in RunDataConfig().configure({"val": val}, 2, None, None)]
+    seen: list[list[int]] = [[], []]
+
+    def consume(rank):
+        seen[rank].extend(int(b["index"][0]) for b in val_batches(shards[rank]))
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a consumer did not finish"
+    # Each image reaches exactly one rank: no rank decodes an image to drop it.
+    assert sorted(seen[0] + seen[1]) == [0, 1, 2]

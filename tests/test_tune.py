@@ -7,7 +7,7 @@ import pytest
 from test_train import small_dataset
 
 from csl_ray.config import ConfigError, apply_overrides, load_config
-from csl_ray.data.pipeline import labeled_subset
+from csl_ray.data.streams import labeled_subset
 from csl_ray.tune import (
     DEFAULT_FRACTIONS,
     SMOKE_SPACE,

@@ -1,0 +1,145 @@
+"""Reading a stream in this process: `StreamReader` turns work items into stacked rows (Ray Data's decode tasks run
+it too), and `iter_local` batches a split without Ray (tests, benchmarks, evaluation, the plain loop).
+
+    for batch in iter_local(cfg, "unlabeled"):      # row for row what the Ray pipeline yields, in a fixed order
+        ...
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from csl_ray.config import Config
+from csl_ray.data.shards import filesystem
+from csl_ray.data.streams import RowGroup, Stream, dataset_root, plan_streams
+from csl_ray.data.views import TORCH_DTYPES, ViewParams, stack_rows, transform_rows, view_params
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = ["id", "image", "mask"]
+YIELD_BYTES = 4 << 20
+"""Rows are yielded, and become Ray Data blocks, in chunks of about this many bytes: small, so the consumer sees
+rows soon after a task starts (about 75 rows at crop 64, 3 at crop 321)."""
+
+SkipReport = Callable[[dict[str, str]], None]
+"""Called with the rows a reader skipped as corrupt: {"shard row N": "shard row N (id ...): corrupt: error"}."""
+
+
+class StreamReader:
+    """Reads and transforms work items of a stream; also the Ray Data `map_batches` callable (tasks or actors)."""
+
+    def __init__(self, stream: Stream, params: ViewParams, strict: bool, report: SkipReport | None = None) -> None:
+        self.stream = stream
+        self.params = params
+        self.strict = strict
+        self.report = report
+        self.skipped: dict[str, str] = {}
+        self._files: dict[str, pq.ParquetFile] = {}
+        channels = 1 if stream.split == "labeled" else 4
+        row_bytes = params.crop_size**2 * (3 * channels + 4)
+        self._chunk = max(1, YIELD_BYTES // row_bytes) if stream.split != "val" else 1
+
+    def _group(self, group: RowGroup) -> pa.Table:
+        if group.shard not in self._files:
+            fs, path = filesystem(self.stream.root)
+            self._files[group.shard] = pq.ParquetFile(f"{path}/{group.shard}", filesystem=fs)
+        return self._files[group.shard].read_row_group(group.group, columns=_COLUMNS)
+
+    def process(self, number: int) -> Iterator[dict[str, np.ndarray]]:
+        """Yields the transformed rows of work item `number`, stacked in chunks (bounded memory for big crops)."""
+        epoch, group, rows = self.stream.item(number)
+        table = self._group(group)
+        for start in range(0, len(rows), self._chunk):
+            out, skipped = transform_rows(
+                table,
+                rows[start : start + self._chunk],
+                split=self.stream.split,
+                params=self.params,
+                seed=self.stream.seed,
+                epoch=epoch,
+                first_index=group.first_index,
+                where=group.shard,
+                first_row=group.first_row,
+                strict=self.strict,
+            )
+            if skipped:
+                self._report(skipped)
+            if out:
+                yield stack_rows(out)
+
+    def _report(self, skipped: dict[str, str]) -> None:
+        for message in skipped.values():
+            log.warning("skipped %s", message)
+        self.skipped.update(skipped)
+        if self.report is not None:
+            self.report(skipped)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for number in batch["id"]:
+            yield from self.process(int(number))
+
+
+class LocalBatches:
+    """The rows of a stream, read and augmented in this process, batched as tensors; re-iterable (replays).
+
+    `skipped` lists the rows skipped as corrupt so far, each once however many epochs met it.
+    """
+
+    def __init__(self, stream: Stream, params: ViewParams, *, strict: bool, batch_size: int, drop_last: bool):
+        self.reader = StreamReader(stream, params, strict)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.dtypes = TORCH_DTYPES[stream.split]
+
+    @property
+    def skipped(self) -> list[str]:
+        return list(self.reader.skipped.values())
+
+    def _tensors(self, rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v).to(self.dtypes[k]) for k, v in stack_rows(rows).items()}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        pending: list[dict[str, np.ndarray]] = []
+        for number in range(self.reader.stream.num_items):
+            for chunk in self.reader.process(number):
+                pending.extend({k: v[i] for k, v in chunk.items()} for i in range(len(chunk["index"])))
+                while len(pending) >= self.batch_size:
+                    yield self._tensors(pending[: self.batch_size])
+                    pending = pending[self.batch_size :]
+        if pending and not self.drop_last:
+            yield self._tensors(pending)
+
+
+def iter_local(
+    cfg: Config,
+    split: str,
+    root: str | None = None,
+    *,
+    start_iteration: int = 0,
+    batch_size: int | None = None,
+) -> LocalBatches:
+    """The batches of one split without Ray, row for row what the Ray pipeline yields (in a fixed order).
+
+    Args:
+        cfg: the resolved config.
+        split: labeled | unlabeled | val.
+        root: dataset root (default `dataset_root(cfg)`).
+        start_iteration: resume point.
+        batch_size: default: the global batch (labelled), twice it (unlabelled: main crops + CutMix partners), 1 (val).
+
+    Returns:
+        A re-iterable of batch dicts (TORCH_DTYPES[split]); one pass over a training split covers the whole run.
+    """
+    root = root or dataset_root(cfg)
+    labeled_batch = cfg.data.global_batch_size
+    stream = plan_streams(cfg, root, labeled_batch=labeled_batch, start_iteration=start_iteration)[split]
+    default = {"labeled": labeled_batch, "unlabeled": 2 * labeled_batch, "val": 1}[split]
+    return LocalBatches(
+        stream, view_params(cfg), strict=cfg.data.strict, batch_size=batch_size or default, drop_last=split != "val"
+    )

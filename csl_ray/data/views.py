@@ -1,0 +1,221 @@
+"""Per-row views: one decoded row -> the named arrays of a training or validation row (docs/data.md, "Batch schema").
+
+Pure functions of their inputs (numpy / torch in, arrays out; no Ray, no I/O): every row's random views come from a
+generator seeded by (seed, split, epoch, row id), so they are the same in any process, in any order, on a retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from csl_ray.augment import mild_view, resize_crop_flip, strong_view
+from csl_ray.config import Config
+from csl_ray.masking import cutmix_box, tmp_cells
+
+TORCH_DTYPES: dict[str, dict[str, torch.dtype]] = {
+    "labeled": {"image": torch.uint8, "mask": torch.int64, "index": torch.int64, "epoch": torch.int64},
+    "unlabeled": {
+        "image_weak": torch.uint8,
+        "image_strong": torch.uint8,
+        "image_masked": torch.uint8,
+        "tmp_cells": torch.bool,
+        "cutmix_box": torch.bool,
+        "valid": torch.bool,
+        "mask": torch.int64,
+        "index": torch.int64,
+        "epoch": torch.int64,
+    },
+    "val": {"image": torch.uint8, "mask": torch.int64, "index": torch.int64},
+}
+"""`iter_torch_batches(dtypes=TORCH_DTYPES[split])`: masks travel as uint8 (8x less than int64) and widen here."""
+
+STREAM_IDS = {"labeled": 1, "unlabeled": 2, "val": 3}
+"""Each split's own number in the seeds of its random draws."""
+
+
+class CorruptRowError(RuntimeError):
+    """A row whose bytes do not decode (strict mode); the message names the shard and the row."""
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Everything the per-row transforms need (built from the config by `view_params`)."""
+
+    crop_size: int
+    scale_range: tuple[float, float]
+    ignore_index: int
+    cutmix_prob: float
+    tmp_enabled: bool
+    tmp_prob: float
+    tmp_block: int
+    tmp_mask_ratio: float
+
+
+def view_params(cfg: Config) -> ViewParams:
+    """The ViewParams of a config."""
+    return ViewParams(
+        crop_size=cfg.data.crop_size,
+        scale_range=tuple(cfg.data.scale_range),
+        ignore_index=cfg.data.ignore_index,
+        cutmix_prob=cfg.ssl.cutmix_prob,
+        tmp_enabled=cfg.ssl.tmp.enabled,
+        tmp_prob=cfg.ssl.tmp.prob,
+        tmp_block=cfg.ssl.tmp.block,
+        tmp_mask_ratio=cfg.ssl.tmp.mask_ratio,
+    )
+
+
+def row_generator(seed: int, split: str, epoch: int, row_id: str) -> torch.Generator:
+    """A torch.Generator that is a pure function of (seed, split, epoch, row id), stable across processes."""
+    digest = int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "little")
+    state = np.random.SeedSequence([seed, STREAM_IDS[split], epoch, digest]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def decode_row(image: bytes, mask: bytes | None, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded bytes -> (image uint8 [3, H, W] RGB, mask uint8 [H, W]; all `ignore_index` when there is no mask).
+
+    Raises:
+        ValueError (or torchvision's RuntimeError) for bytes that do not decode or sizes that disagree.
+    """
+    with warnings.catch_warnings():  # decoding only reads the buffer; copying it to make it writable is waste
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = decode_image(torch.frombuffer(image, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if mask is None:
+            return pixels, torch.full(pixels.shape[1:], ignore_index, dtype=torch.uint8)
+        labels = decode_image(torch.frombuffer(mask, dtype=torch.uint8), mode=ImageReadMode.GRAY)[0]
+    if labels.shape != pixels.shape[1:]:
+        raise ValueError(f"mask size {tuple(labels.shape)} != image size {tuple(pixels.shape[1:])}")
+    return pixels, labels
+
+
+def labeled_views(
+    image: torch.Tensor, mask: torch.Tensor, params: ViewParams, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """A labelled training row: the weak crop and its mask.
+
+    Args:
+        image: uint8 [3, H, W].
+        mask: uint8 [H, W].
+
+    Returns:
+        `image` uint8 [3, S, S], `mask` uint8 [S, S] (ignore_index on padding).
+    """
+    image, mask, _ = resize_crop_flip(
+        image,
+        mask,
+        crop_size=params.crop_size,
+        scale_range=params.scale_range,
+        ignore_index=params.ignore_index,
+        generator=generator,
+    )
+    return {"image": image, "mask": mask}
+
+
+def unlabeled_views(
+    image: torch.Tensor, mask: torch.Tensor, params: ViewParams, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """An unlabelled training row with every view the step needs (docs/data.md, "Batch schema").
+
+    The masked view takes the mild aug + TMP cells with probability tmp_prob (when TMP is enabled), otherwise an
+    independent strong draw with no cells.
+
+    Args:
+        image: uint8 [3, H, W].
+        mask: uint8 [H, W] ground truth for diagnostics (all ignore_index when unknown).
+
+    Returns:
+        `image_weak`, `image_strong`, `image_masked` uint8 [3, S, S]; `tmp_cells`, `cutmix_box`, `valid`
+        bool [S, S]; `mask` uint8 [S, S].
+    """
+    size = params.crop_size
+    weak, mask, valid = resize_crop_flip(
+        image, mask, crop_size=size, scale_range=params.scale_range, ignore_index=params.ignore_index,
+        generator=generator,
+    )  # fmt: skip
+    strong = strong_view(weak, generator)
+    if params.tmp_enabled and torch.rand((), generator=generator).item() < params.tmp_prob:
+        masked = mild_view(weak, generator)
+        cells = tmp_cells(size, params.tmp_block, params.tmp_mask_ratio, generator)
+    else:
+        masked = strong_view(weak, generator)
+        cells = torch.zeros(size, size, dtype=torch.bool)
+    return {
+        "image_weak": weak,
+        "image_strong": strong,
+        "image_masked": masked,
+        "tmp_cells": cells,
+        "cutmix_box": cutmix_box(size, params.cutmix_prob, generator),
+        "valid": valid,
+        "mask": mask,
+    }
+
+
+def transform_rows(
+    table: pa.Table,
+    rows: list[int],
+    *,
+    split: str,
+    params: ViewParams,
+    seed: int,
+    epoch: int,
+    first_index: int,
+    where: str,
+    first_row: int,
+    strict: bool,
+) -> tuple[list[dict[str, np.ndarray]], dict[str, str]]:
+    """Decodes and augments rows of one row group (a pure function: numpy/torch in, arrays out).
+
+    Args:
+        table: the row group with columns id, image, mask.
+        rows: row numbers within the group, in output order.
+        split: labeled | unlabeled | val (which views to make).
+        params: crop and augmentation parameters.
+        seed, epoch: with the row id, the seed of the row's generator.
+        first_index: split-wide index of the group's first row (the `index` column).
+        where: the shard's name, first_row: the group's first row within it (for messages).
+        strict: raise CorruptRowError instead of skipping a row that does not decode.
+
+    Returns:
+        (one dict of numpy arrays per kept row, each with `index` and, for training splits, `epoch`;
+        {"shard row N": "shard row N (id ...): corrupt: error"} for the skipped rows).
+    """
+    ids = table.column("id").to_pylist()
+    images = table.column("image")
+    masks = table.column("mask")
+    out, skipped = [], {}
+    for row in rows:
+        try:
+            mask = masks[row].as_py()
+            if mask is None and split != "unlabeled":
+                raise ValueError("no mask in a labelled split")
+            image, labels = decode_row(images[row].as_py(), mask, params.ignore_index)
+        except (RuntimeError, ValueError) as err:
+            key = f"{where} row {first_row + row}"
+            message = f"{key} (id {ids[row]!r}): corrupt: {err}"
+            if strict:
+                raise CorruptRowError(message) from err
+            skipped[key] = message
+            continue
+        if split == "val":
+            views = {"image": image, "mask": labels}
+        else:
+            generator = row_generator(seed, split, epoch, ids[row])
+            make = labeled_views if split == "labeled" else unlabeled_views
+            views = make(image, labels, params, generator)
+            views["epoch"] = torch.tensor(epoch)
+        views["index"] = torch.tensor(first_index + row)
+        out.append({k: v.numpy() for k, v in views.items()})
+    return out, skipped
+
+
+def stack_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Row dicts -> one batch dict of stacked arrays."""
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
