@@ -9,8 +9,8 @@ from PIL import Image
 
 from csl_ray.config import ConfigError, load_config
 from csl_ray.data.builtin import CLASS_NAMES, draw_scene
+from csl_ray.data.corrupt_log import CorruptRowLog
 from csl_ray.data.ray_datasets import (
-    CorruptRowLog,
     RunDataConfig,
     RunDatasets,
     build_datasets,

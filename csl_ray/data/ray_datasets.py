@@ -1,5 +1,5 @@
 """The Ray Data pipeline: streams (`streams.py`) as lazy Ray Datasets, how a run hands them to Ray Train, the decode
-tuning, the batches a Train worker iterates, and the run's log of skipped corrupt rows.
+tuning and the batches a Train worker iterates (skipped corrupt rows go to a `corrupt_log.CorruptRowLog`).
 
 A stream runs as `ray.data.range(num_items)` (runs of neighbouring work items per block) -> `map_batches`
 (`reader.StreamReader`: read the row group, decode, augment), so one pass over the dataset is the whole run,
@@ -36,6 +36,7 @@ import torch
 from ray.train import DataConfig
 
 from csl_ray.config import Config, per_worker_batch_size
+from csl_ray.data.corrupt_log import CorruptRowLog
 from csl_ray.data.reader import YIELD_BYTES, StreamReader
 from csl_ray.data.shards import SPLITS
 from csl_ray.data.streams import Stream, dataset_root, plan_streams
@@ -52,38 +53,6 @@ MIN_BLOCKS_PER_CPU = 2
 DECODE_CPUS = 1.0
 """Logical CPUs each decode task or actor reserves. Tasks must match the range read's default of 1 to be fused
 with it; on a small machine give Ray more logical CPUs than cores rather than less per task."""
-
-
-class _CorruptRows:
-    """The actor behind CorruptRowLog: skipped rows by key ("shard row N"), so a row reported again (another epoch,
-    another rank's labelled stream, a retried task) is still one row."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, str] = {}
-
-    def add(self, rows: dict[str, str]) -> None:
-        self.rows.update(rows)
-
-    def get(self) -> dict[str, str]:
-        return self.rows
-
-
-class CorruptRowLog:
-    """The corrupt rows a run's decode tasks skipped, each once; also the tasks' `SkipReport` (it pickles as a
-    handle to the same actor).
-
-    The actor lives as long as the process that created this object keeps it (the driver, for the whole run).
-    """
-
-    def __init__(self) -> None:
-        self.actor = ray.remote(num_cpus=0)(_CorruptRows).remote()
-
-    def __call__(self, skipped: dict[str, str]) -> None:
-        ray.get(self.actor.add.remote(skipped))
-
-    def rows(self) -> list[str]:
-        """The message ("shard row N (id ...): corrupt: error") of every distinct row skipped so far, sorted."""
-        return sorted(ray.get(self.actor.get.remote()).values())
 
 
 def ray_dataset(
