@@ -81,7 +81,9 @@ def dataset(tmp_path_factory) -> str:
 @pytest.fixture
 def local_cluster(ray_tmpdir):
     """A real `ray start --head` (2 CPUs) recording its address in `ray_tmpdir`; yields the address."""
-    command = ["ray", "start", "--head", f"--port={free_port()}", f"--ray-client-server-port={free_port()}"]
+    # Free ports for the services with fixed defaults, so that another Ray on the machine cannot collide with it.
+    ports = ["--port", "--ray-client-server-port", "--dashboard-agent-listen-port", "--metrics-export-port"]
+    command = ["ray", "start", "--head", *(f"{flag}={free_port()}" for flag in ports)]
     command += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
     # Its own session: the daemons `ray start` leaves running share this process group, which teardown kills.
     starter = subprocess.Popen(
