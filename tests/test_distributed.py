@@ -1,8 +1,12 @@
-"""torch.distributed on a real 2-process gloo group (no Ray): the confusion-matrix sum, the collective skip of a
-non-finite step and the BatchNorm broadcast before validation."""
+"""Distributed correctness. On a real 2-process gloo group (no Ray): the confusion-matrix sum, the collective skip of
+a non-finite step and the BatchNorm broadcast before validation. On a real 2-worker Ray Train run: the final scores
+equal a single-process evaluation of its checkpoint, and the unlabelled stream gives each rank its own rows."""
 
 import datetime
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_loop import tiny_cfg, val_batches
 from test_step import synthetic_batch
+from test_train import small_dataset, tiny
 from torch import nn
 
 from csl_ray.loop import TrainLoop
 from csl_ray.metrics import ConfusionMatrix
+from csl_ray.tracking import RunDir
+from csl_ray.train import build_trainer, evaluate_checkpoint, fit
 
 WORLD_SIZE = 2
 # A missing collective shows as a timeout error instead of a hang; generous for a loaded 2-core machine.
@@ -84,3 +91,72 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ranks):
 
 def test_validation_starts_from_rank_zeros_batch_norm_statistics(ranks):
     assert (ranks[0]["running_mean"] == 0).all() and (ranks[1]["running_mean"] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------ a 2-worker Ray Train run
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_session, tmp_path_factory):
+    """2 CPU workers, 2 iterations, validated (and checkpointed) at the end: the config and the run's summary."""
+    out = tmp_path_factory.mktemp("runs")
+    cfg = tiny(small_dataset(tmp_path_factory), out, "two-workers", "train.iterations=2", "train.eval_every=2")
+    return cfg, fit(cfg)
+
+
+def test_distributed_validation_equals_a_single_process_evaluation_of_the_checkpoint(two_worker_run):
+    """Each rank scores its share of the validation images and the confusion matrices are summed: the run's final
+    scores are those of the whole set, as one process scoring the saved checkpoint finds them."""
+    cfg, summary = two_worker_run
+    assert cfg.ray.num_workers == WORLD_SIZE and summary["step"] == cfg.train.iterations
+    single = evaluate_checkpoint(summary["checkpoint"], mode=cfg.data.eval_mode)
+    assert single["step"] == summary["step"]
+    assert summary["miou"] == pytest.approx(single["miou"], abs=1e-6)
+    expected = [None if math.isnan(v) else pytest.approx(v, abs=1e-6) for v in single["iou_per_class"]]
+    assert summary["iou_per_class"] == expected
+
+
+def record_unlabeled_rows(config):
+    """A Train worker that reads its whole unlabelled shard and writes the (epoch, index) of every row it got."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    shard = ray.train.get_dataset_shard("unlabeled")
+    rows = []
+    for batch in shard.iter_batches(batch_size=16, batch_format="numpy"):
+        rows.extend(zip(batch["epoch"].tolist(), batch["index"].tolist(), strict=True))
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(rows))
+
+
+def test_the_unlabelled_stream_gives_each_rank_its_own_rows(two_worker_run, tmp_path):
+    """The run's own datasets and DataConfig, read by a probe worker on each of the 2 ranks: no (epoch, row) is
+    given to both, and together they cover every row of each epoch the stream plans."""
+    import ray.cloudpickle
+    import ray.train.torch
+    from ray.train import FailureConfig, RunConfig
+
+    cfg, _ = two_worker_run
+    production = build_trainer(cfg, "rows", RunDir(tmp_path / "run"))
+    # The probe is defined here, not in the package: ship it by value (workers cannot import test modules).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    probe = ray.train.torch.TorchTrainer(
+        record_unlabeled_rows,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=production.scaling_config,
+        run_config=RunConfig(
+            name="rows",
+            storage_path=str(tmp_path / "storage"),
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
+        ),
+        datasets=production.datasets,
+        dataset_config=production.data_config,
+    )
+    probe.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    seen = [{tuple(row) for row in rows} for rows in ranks]
+    assert all(rows for rows in ranks) and len(ranks[0]) == len(ranks[1])  # equal shares keep DDP in step
+    assert not seen[0] & seen[1]
+    assert all(len(rows) == len(set(map(tuple, rows))) for rows in ranks)
+    epochs = {epoch for epoch, _ in seen[0] | seen[1]}
+    unlabeled_rows = {index for _, index in seen[0] | seen[1]}
+    assert seen[0] | seen[1] == {(e, i) for e in epochs for i in unlabeled_rows}
