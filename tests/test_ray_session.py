@@ -83,8 +83,10 @@ def local_cluster(ray_tmpdir):
     """A real `ray start --head` (2 CPUs) recording its address in `ray_tmpdir`; yields the address."""
     # Free ports for the services with fixed defaults, so that another Ray on the machine cannot collide with it.
     ports = ["--port", "--ray-client-server-port", "--dashboard-agent-listen-port", "--metrics-export-port"]
-    command = ["ray", "start", "--head", *(f"{flag}={free_port()}" for flag in ports)]
-    command += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    ray_cli = str(Path(sys.executable).with_name("ray"))  # the Ray CLI of this interpreter's environment
+    command = [ray_cli, "start", "--head", *(f"{flag}={free_port()}" for flag in ports)]
+    # A small object store: Ray's default (30% of memory) is more than a shared test machine can spare.
+    command += ["--num-cpus=2", "--object-store-memory=100000000", "--include-dashboard=false", "--disable-usage-stats"]
     # Its own session: the daemons `ray start` leaves running share this process group, which teardown kills.
     starter = subprocess.Popen(
         command, env=job_env(ray_tmpdir), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
