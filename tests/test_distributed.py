@@ -97,11 +97,16 @@ def test_validation_starts_from_rank_zeros_batch_norm_statistics(ranks):
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(ray_session, tmp_path_factory):
-    """2 CPU workers, 2 iterations, validated (and checkpointed) at the end: the config and the run's summary."""
+def two_worker_cfg(tmp_path_factory):
+    """2 CPU workers, 2 iterations, validated (and checkpointed) at the end."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = tiny(small_dataset(tmp_path_factory), out, "two-workers", "train.iterations=2", "train.eval_every=2")
-    return cfg, fit(cfg)
+    return tiny(small_dataset(tmp_path_factory), out, "two-workers", "train.iterations=2", "train.eval_every=2")
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_session, two_worker_cfg):
+    """The config and the summary of its run."""
+    return two_worker_cfg, fit(two_worker_cfg)
 
 
 def test_distributed_validation_equals_a_single_process_evaluation_of_the_checkpoint(two_worker_run):
@@ -128,15 +133,14 @@ def record_unlabeled_rows(config):
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(rows))
 
 
-def test_the_unlabelled_stream_gives_each_rank_its_own_rows(two_worker_run, tmp_path):
+def test_the_unlabelled_stream_gives_each_rank_its_own_rows(ray_session, two_worker_cfg, tmp_path):
     """The run's own datasets and DataConfig, read by a probe worker on each of the 2 ranks: no (epoch, row) is
     given to both, and together they cover every row of each epoch the stream plans."""
     import ray.cloudpickle
     import ray.train.torch
     from ray.train import FailureConfig, RunConfig
 
-    cfg, _ = two_worker_run
-    production = build_trainer(cfg, "rows", RunDir(tmp_path / "run"))
+    production, _ = build_trainer(two_worker_cfg, "rows", RunDir(tmp_path / "run"))
     # The probe is defined here, not in the package: ship it by value (workers cannot import test modules).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     probe = ray.train.torch.TorchTrainer(
