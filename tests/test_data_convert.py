@@ -160,7 +160,8 @@ def test_folder_layout_with_class_list_in_parallel(tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=120)
+    # Generous: the job imports torch and pyarrow, seconds on a quiet machine and far longer on a loaded one.
+    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=600)
 
 
 def test_cli_converts_verifies_and_fails_with_nonzero_status(voc, tmp_path):
