@@ -1,7 +1,8 @@
 """Data pipeline throughput: Ray Data vs a torch DataLoader doing the same per-row work on the same CPUs.
 
-The work per unlabelled row is the training pipeline's: decode JPEG + PNG mask, resize/crop/flip, strong view,
-TMP view (mild + cells, or a second strong draw), CutMix box. Two datasets: the built-in one (96-px scenes, crop 64
+The work per unlabelled batch row is the training pipeline's: decode two rows (JPEG + PNG mask each); for the main
+crop resize/crop/flip, strong view, TMP view (mild + cells, or a second strong draw), CutMix box; for its CutMix
+partner resize/crop/flip and strong view. Two datasets: the built-in one (96-px scenes, crop 64
 as in the `tiny` preset) and generated VOC-sized JPEGs (500x375, crop 321 as in the `pascal` preset). Ray Data runs
 `csl_ray.data.ray_datasets.ray_dataset` (tasks, and an actor pool of the same size); the DataLoader runs a map-style
 dataset over the same encoded rows held in memory with `num_workers = --cpus`. Rows/s is over a whole pass (Ray's
@@ -34,7 +35,7 @@ from csl_ray.data.builtin import draw_scene, ensure_builtin_dataset
 from csl_ray.data.ray_datasets import ray_dataset
 from csl_ray.data.shards import Record, encode_mask, read_split, write_dataset
 from csl_ray.data.streams import Stream, row_groups
-from csl_ray.data.views import TORCH_DTYPES, decode_row, row_generator, unlabeled_views, view_params
+from csl_ray.data.views import TORCH_DTYPES, decode_row, partner_views, row_generator, unlabeled_views, view_params
 
 BATCH = 16
 
@@ -54,7 +55,7 @@ def make_jpeg_dataset(out: Path, count: int) -> Path:
 
 
 class RowDataset(torch.utils.data.Dataset):
-    """The same per-row work as the Ray pipeline, one row per __getitem__ (epoch = i // rows)."""
+    """The same per-row work as the Ray pipeline, one batch row (a main crop and its partner) per __getitem__."""
 
     def __init__(self, root: str, params, epochs: int, seed: int = 0) -> None:
         table = read_split(root, "unlabeled")
@@ -66,13 +67,18 @@ class RowDataset(torch.utils.data.Dataset):
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.ids) * self.epochs
+        return len(self.ids) // 2 * self.epochs
+
+    def _views(self, row: int, epoch: int, make) -> dict[str, torch.Tensor]:
+        image, mask = decode_row(self.images[row], self.masks[row], self.params.ignore_index)
+        return make(image, mask, self.params, row_generator(self.seed, "unlabeled", epoch, self.ids[row]))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        epoch, row = divmod(i, len(self.ids))
-        image, mask = decode_row(self.images[row], self.masks[row], self.params.ignore_index)
-        views = unlabeled_views(image, mask, self.params, row_generator(self.seed, "unlabeled", epoch, self.ids[row]))
-        return {**views, "index": torch.tensor(row), "epoch": torch.tensor(epoch)}
+        epoch, pair = divmod(i, len(self.ids) // 2)
+        row, partner = 2 * pair, 2 * pair + 1
+        views = {**self._views(row, epoch, unlabeled_views), **self._views(partner, epoch, partner_views)}
+        ids = {"index": torch.tensor(row), "partner_index": torch.tensor(partner), "epoch": torch.tensor(epoch)}
+        return {**views, **ids}
 
 
 def timed(batches: Iterable[dict]) -> tuple[int, float, float]:

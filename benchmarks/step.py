@@ -39,7 +39,8 @@ PHASES = (
 
 
 def synthetic_batches(cfg, batch: int, device: torch.device, seed: int = 0) -> tuple[dict, dict]:
-    """A labelled batch of `batch` rows and an unlabelled one of 2 * `batch` rows in the step's schema."""
+    """A labelled batch and an unlabelled one (each row with its CutMix partner) of `batch` rows in the step's
+    schema."""
     g = torch.Generator().manual_seed(seed)
     size, classes = cfg.data.crop_size, cfg.data.num_classes
 
@@ -47,7 +48,7 @@ def synthetic_batches(cfg, batch: int, device: torch.device, seed: int = 0) -> t
         return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
 
     labeled = {"image": images(batch), "mask": torch.randint(0, classes, (batch, size, size), generator=g)}
-    n = 2 * batch
+    n = batch
     tmp = cfg.ssl.tmp
     unlabeled = {
         "image_weak": images(n),
@@ -56,9 +57,13 @@ def synthetic_batches(cfg, batch: int, device: torch.device, seed: int = 0) -> t
         "tmp_cells": torch.stack([tmp_cells(size, tmp.block, tmp.mask_ratio, g) for _ in range(n)]),
         "cutmix_box": torch.stack([cutmix_box(size, cfg.ssl.cutmix_prob, g) for _ in range(n)]),
         "valid": torch.ones(n, size, size, dtype=torch.bool),
-        "mask": torch.randint(0, classes, (n, size, size), generator=g),
+        "mask": torch.randint(0, classes, (n, size, size), generator=g, dtype=torch.uint8),
+        "partner_weak": images(n),
+        "partner_strong": images(n),
+        "partner_valid": torch.ones(n, size, size, dtype=torch.bool),
     }
-    unlabeled["valid"][:, -size // 8 :] = False  # some padding, as a crop of a small image has
+    for valid in (unlabeled["valid"], unlabeled["partner_valid"]):
+        valid[:, -size // 8 :] = False  # some padding, as a crop of a small image has
     move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
     return move(labeled), move(unlabeled)
 

@@ -121,7 +121,7 @@ def evaluate(
 
     Args:
         model: the (unwrapped) segmentation model; left in the mode it came in.
-        batches: dicts with `image` uint8 [N, 3, H, W] and `mask` int64 [N, H, W] (ignore_index never counts).
+        batches: dicts with `image` uint8 [N, 3, H, W] and `mask` uint8 or int64 [N, H, W] (ignore_index never counts).
         num_classes: C.
         mode: full | center_crop | sliding_window.
         crop_size: crop / window side.
@@ -136,7 +136,7 @@ def evaluate(
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
     for batch in batches:
         probs = predict(model, batch["image"], mode=mode, crop_size=crop_size)
-        target = batch["mask"].to(device, non_blocking=True)
+        target = batch["mask"].to(device, non_blocking=True).long()  # masks travel as uint8; widened here
         if mode == "center_crop":
             target = center_crop(target, crop_size)
         matrix.update(probs.argmax(dim=1), target)

@@ -4,7 +4,7 @@
     loop.load_state_dict(torch.load(path, weights_only=True))   # on resume
     loop.wrap_ddp()                                             # under torch.distributed (Ray Train)
     while loop.step < cfg.train.iterations:
-        metrics = loop.train_step(next(labeled), next(unlabeled_2b))
+        metrics = loop.train_step(next(labeled), next(unlabeled))
         if loop.step % cfg.train.eval_every == 0:
             loop.validate(val_batches)
 
@@ -164,12 +164,12 @@ class TrainLoop:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag)
 
-    def train_step(self, labeled: Batch, unlabeled_2b: Batch | None = None, *, timer: Timer = untimed) -> dict:
+    def train_step(self, labeled: Batch, unlabeled: Batch | None = None, *, timer: Timer = untimed) -> dict:
         """One iteration: poly LR, forward (bf16 autocast on CUDA if configured), backward, SGD, teacher update.
 
         Args:
             labeled: labelled batch of B rows.
-            unlabeled_2b: 2B unlabelled rows: the first B are the main crops, the last B their CutMix partners.
+            unlabeled: B unlabelled rows, each with its CutMix partner's columns (docs/data.md, "Batch schema").
                 Unused (may be None) when `ssl.enabled` is false; unused during the warm-up
                 (`ssl.warmup_iterations`), where the callers still draw it so that the data streams stay at the
                 iteration count they were planned (and are re-planned on resume) from.
@@ -189,9 +189,8 @@ class TrainLoop:
         scale = unlabeled_scale(self.step, cfg.ssl.warmup_iterations, cfg.ssl.rampup_iterations)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if cfg.ssl.enabled and not warmup:
-                if unlabeled_2b is None:
+                if unlabeled is None:
                     raise ValueError("ssl.enabled is true but no unlabelled batch was given")
-                unlabeled, unlabeled_mix = split_unlabeled(unlabeled_2b)
                 out = semi_supervised_step(
                     self.model,
                     self.teacher,
@@ -199,7 +198,6 @@ class TrainLoop:
                     self.labeled_loss,
                     labeled,
                     unlabeled,
-                    unlabeled_mix,
                     weights=self.loss_weights.scaled(scale),
                     weight_floor=cfg.ssl.selector.weight_floor,
                     tmp_enabled=cfg.ssl.tmp.enabled,
@@ -281,15 +279,6 @@ class TrainLoop:
             seed_everything(self.cfg.train.seed + self.step * self.world_size + self.rank)
 
 
-def split_unlabeled(batch: Batch) -> tuple[Batch, Batch]:
-    """Splits 2B unlabelled rows into the B main crops and their B CutMix partners."""
-    rows = len(batch["image_weak"])
-    if rows % 2:
-        raise ValueError(f"the unlabelled batch must have 2B rows (main crops, then CutMix partners), got {rows}")
-    half = rows // 2
-    return {k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()}
-
-
 def _forever(batches: Iterable[Batch], name: str) -> Iterator[Batch]:
     """Cycles through a re-iterable batch source (a list, a Ray dataset) or passes an endless iterator through."""
     while True:
@@ -315,7 +304,8 @@ def run_local(
     Args:
         cfg: the resolved config.
         labeled_iter: labelled batches; cycled when it is re-iterable.
-        unlabeled_iter: batches of 2B unlabelled rows; cycled when re-iterable; None for supervised-only runs.
+        unlabeled_iter: unlabelled batches (each row with its CutMix partner); cycled when re-iterable; None for
+            supervised-only runs.
         val_batches: validation batches, iterated once per validation (so it must be re-iterable).
         device: default CUDA when available, else CPU.
         log: called with the step's metrics every logging.log_every steps and with each validation result

@@ -155,7 +155,6 @@ def semi_supervised_step(
     labeled_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     labeled: Batch,
     unlabeled: Batch,
-    unlabeled_mix: Batch,
     *,
     weights: LossWeights,
     weight_floor: float,
@@ -171,10 +170,11 @@ def semi_supervised_step(
         teacher: SelfTeacher or EmaTeacher (`kind`, `predict(normalised images) -> probs`).
         selector: `(probs [N, C, H, W], valid [N, H, W]) -> Selection` (build_selector).
         labeled_loss: `(logits, target) -> scalar` for the labelled batch (CE or OHEM).
-        labeled: `image` uint8 [B, 3, S, S], `mask` int64 [B, S, S].
-        unlabeled: the B main crops: `image_weak`, `image_strong`, `image_masked` uint8 [B, 3, S, S], `tmp_cells`,
-            `cutmix_box`, `valid` bool [B, S, S], optional `mask` int64 [B, S, S] (diagnostics only).
-        unlabeled_mix: the B CutMix partners (`image_weak`, `image_strong`, `valid` are used).
+        labeled: `image` uint8 [B, 3, S, S], `mask` uint8 or int64 [B, S, S].
+        unlabeled: B main crops, each with its CutMix partner (docs/data.md, "Batch schema"): `image_weak`,
+            `image_strong`, `image_masked`, `partner_weak`, `partner_strong` uint8 [B, 3, S, S]; `tmp_cells`,
+            `cutmix_box`, `valid`, `partner_valid` bool [B, S, S]; optional `mask` uint8 or int64 [B, S, S]
+            (diagnostics only).
         weights: unlabelled loss weights (already scaled by the ramp-up).
         weight_floor: soft weights below it count as 0 (`floor_weights`), for the main crops and the partners.
         tmp_enabled: run the masked branch (see the module docstring for the disabled case).
@@ -191,14 +191,14 @@ def semi_supervised_step(
     device = _device(student)
     with timer("inputs"):
         x_l = normalize_input(student, labeled["image"])
-        y_l = labeled["mask"].to(device, non_blocking=True)
+        y_l = labeled["mask"].to(device, non_blocking=True).long()  # masks travel as uint8; widened here
         x_w = normalize_input(student, unlabeled["image_weak"])
         x_s = normalize_input(student, unlabeled["image_strong"])
         valid = unlabeled["valid"].to(device, non_blocking=True)
         box = unlabeled["cutmix_box"].to(device, non_blocking=True)
-        x_w_mix = normalize_input(student, unlabeled_mix["image_weak"])
-        x_s_mix = normalize_input(student, unlabeled_mix["image_strong"])
-        valid_mix = unlabeled_mix["valid"].to(device, non_blocking=True)
+        x_w_mix = normalize_input(student, unlabeled["partner_weak"])
+        x_s_mix = normalize_input(student, unlabeled["partner_strong"])
+        valid_mix = unlabeled["partner_valid"].to(device, non_blocking=True)
         if tmp_enabled:
             x_m = normalize_input(student, unlabeled["image_masked"])
             cells = unlabeled["tmp_cells"].to(device, non_blocking=True)
@@ -267,7 +267,7 @@ def semi_supervised_step(
         if tmp_enabled:
             visuals["image_masked"] = x_m[0].detach()
         if "mask" in unlabeled:
-            gt = unlabeled["mask"].to(device, non_blocking=True)
+            gt = unlabeled["mask"].to(device, non_blocking=True).long()
             known = valid & (gt != ignore_index)
             correct = labels == gt
             metrics["pseudo_acc"] = _ratio(correct, known)
@@ -292,7 +292,7 @@ def supervised_step(
     Args:
         student: the model being trained.
         labeled_loss: `(logits, target) -> scalar`.
-        labeled: `image` uint8 [B, 3, S, S], `mask` int64 [B, S, S].
+        labeled: `image` uint8 [B, 3, S, S], `mask` uint8 or int64 [B, S, S].
         labeled_weight: 1 for the supervised-only baseline; 1/2 for the warm-up of a semi-supervised run, the
             weight L_x has in its loss, so the labelled gradient keeps its scale when the unlabelled terms start.
         timer: phase timer for benchmarks.
@@ -300,7 +300,7 @@ def supervised_step(
     device = _device(student)
     with timer("inputs"):
         x_l = normalize_input(student, labeled["image"])
-        y_l = labeled["mask"].to(device, non_blocking=True)
+        y_l = labeled["mask"].to(device, non_blocking=True).long()
     with timer("student_forward"):
         logits = student(x_l)
     with timer("loss"):

@@ -1,6 +1,10 @@
 import io
+import os
+import signal
 import threading
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,18 +23,20 @@ from csl_ray.data.ray_datasets import (
     val_batches,
 )
 from csl_ray.data.reader import iter_local
-from csl_ray.data.shards import Record, encode_mask, write_dataset
+from csl_ray.data.shards import Record, encode_mask, read_split, write_dataset
 from csl_ray.data.streams import labeled_subset, plan_streams
-from csl_ray.data.views import TORCH_DTYPES, CorruptRowError
+from csl_ray.data.views import TORCH_DTYPES, CorruptRowError, decode_row, partner_views, row_generator, view_params
 
 CROP = 16
 SHAPES = {
     "labeled": {"image": (3, CROP, CROP), "mask": (CROP, CROP), "index": (), "epoch": ()},
     "unlabeled": {
-        **{k: (3, CROP, CROP) for k in ("image_weak", "image_strong", "image_masked")},
-        **{k: (CROP, CROP) for k in ("tmp_cells", "cutmix_box", "valid", "mask")},
+        **{k: (3, CROP, CROP) for k in ("image_weak", "image_strong", "image_masked", "partner_weak")},
+        "partner_strong": (3, CROP, CROP),
+        **{k: (CROP, CROP) for k in ("tmp_cells", "cutmix_box", "valid", "mask", "partner_valid")},
         "index": (),
         "epoch": (),
+        "partner_index": (),
     },
 }
 
@@ -78,47 +84,74 @@ def by_key(batches, *columns):
     return rows
 
 
+def stream_rows(batches):
+    """(epoch, index) of every stream row the unlabelled batches use, main crops and partners."""
+    return [
+        (int(e), int(i))
+        for b in batches
+        for key in ("index", "partner_index")
+        for e, i in zip(b["epoch"], b[key], strict=True)
+    ]
+
+
 def test_local_batches_schema_dtypes_and_shapes(root):
     cfg = config(root)
     for split in ("labeled", "unlabeled"):
         batch = next(iter(iter_local(cfg, split)))
         assert set(batch) == set(TORCH_DTYPES[split])
-        size = 4 if split == "labeled" else 8
         for key, shape in SHAPES[split].items():
-            assert batch[key].shape == (size, *shape) and batch[key].dtype == TORCH_DTYPES[split][key], key
+            assert batch[key].shape == (4, *shape) and batch[key].dtype == TORCH_DTYPES[split][key], key
         assert ((batch["mask"] < 6) | (batch["mask"] == 255)).all()
-    unlabeled = next(iter(iter_local(cfg, "unlabeled", batch_size=32)))
+    batch = next(iter(iter_local(cfg, "unlabeled")))
+    # Partners come from the same row group (4 rows each here), never the row itself.
+    index, partner = batch["index"], batch["partner_index"]
+    assert (index // 4 == partner // 4).all() and (index != partner).all()
+    unlabeled = next(iter(iter_local(cfg, "unlabeled", batch_size=16)))
     padded = ~unlabeled["valid"]
     assert padded.any()  # scale 0.5 of 20x18 < 16 somewhere
     assert (unlabeled["image_weak"].permute(1, 0, 2, 3)[:, padded] == 0).all() and (
         unlabeled["mask"][padded] == 255
     ).all()
     val = list(iter_local(cfg, "val"))
-    assert len(val) == 3 and val[0]["image"].shape == (1, 3, 20, 18) and val[0]["mask"].dtype == torch.int64
+    assert len(val) == 3 and val[0]["image"].shape == (1, 3, 20, 18) and val[0]["mask"].dtype == torch.uint8
 
 
 def test_epochs_differ_ids_repeat_and_views_reproduce(root):
-    cfg = config(root, "train.iterations=8")  # 8 iterations x 2B=8 rows over 12 rows: several epochs
+    cfg = config(root, "train.iterations=8")  # 8 iterations x 4 pairs (8 stream rows) over 12 rows: several epochs
     rows = by_key(iter_local(cfg, "unlabeled"), "image_strong", "image_weak", "tmp_cells")
     epochs = sorted({e for e, _ in rows})
     assert len(epochs) >= 2
-    ids = [sorted(i for e, i in rows if e == epoch) for epoch in epochs[:2]]
-    assert ids[0] == ids[1] == list(range(12))  # every row once per epoch
-    assert any(not np.array_equal(rows[(0, i)]["image_strong"], rows[(1, i)]["image_strong"]) for i in range(12))
+    used = stream_rows(iter_local(cfg, "unlabeled"))
+    ids = [sorted(i for e, i in used if e == epoch) for epoch in epochs[:2]]
+    assert ids[0] == ids[1] == list(range(12))  # every row once per epoch, as a main crop or as a partner
+    twice = [i for i in range(12) if (0, i) in rows and (1, i) in rows]  # main crops in both epochs
+    assert twice and any(not np.array_equal(rows[(0, i)]["image_strong"], rows[(1, i)]["image_strong"]) for i in twice)
     again = by_key(iter_local(cfg, "unlabeled"), "image_strong", "image_weak", "tmp_cells")
     assert all(np.array_equal(rows[k]["image_strong"], again[k]["image_strong"]) for k in rows)
     # A resumed stream starts at the epoch holding the iteration and draws the same views for it.
     resumed = by_key(iter_local(cfg, "unlabeled", start_iteration=4), "image_strong")
-    assert min(e for e, _ in resumed) == 4 * 8 // 12
+    assert min(e for e, _ in resumed) == 4 * 8 // 12  # 8 stream rows an iteration, 12 an epoch
     assert all(np.array_equal(resumed[k]["image_strong"], rows[k]["image_strong"]) for k in resumed if k in rows)
+
+
+def test_partner_columns_are_the_partner_rows_own_views(root):
+    cfg = config(root)
+    table = read_split(root, "unlabeled")
+    batch = next(iter(iter_local(cfg, "unlabeled")))
+    for row in range(4):
+        partner = int(batch["partner_index"][row])
+        image, mask = decode_row(table["image"][partner].as_py(), table["mask"][partner].as_py(), 255)
+        generator = row_generator(cfg.train.seed, "unlabeled", int(batch["epoch"][row]), table["id"][partner].as_py())
+        expected = partner_views(image, mask, view_params(cfg), generator)
+        assert all(torch.equal(batch[k][row], v) for k, v in expected.items())
 
 
 def test_tmp_and_cutmix_switches(root):
     off = next(
-        iter(iter_local(config(root, "ssl.tmp.enabled=false", "ssl.cutmix_prob=0.0"), "unlabeled", batch_size=24))
+        iter(iter_local(config(root, "ssl.tmp.enabled=false", "ssl.cutmix_prob=0.0"), "unlabeled", batch_size=12))
     )
     assert not off["tmp_cells"].any() and not off["cutmix_box"].any()
-    on = next(iter(iter_local(config(root, "ssl.tmp.prob=1.0", "ssl.cutmix_prob=1.0"), "unlabeled", batch_size=24)))
+    on = next(iter(iter_local(config(root, "ssl.tmp.prob=1.0", "ssl.cutmix_prob=1.0"), "unlabeled", batch_size=12)))
     assert on["tmp_cells"].flatten(1).any(1).all() and on["cutmix_box"].flatten(1).any(1).all()
 
 
@@ -145,7 +178,7 @@ def test_corrupt_rows_are_skipped_and_counted_or_fail_in_strict_mode(tmp_path):
     root = make_root(tmp_path / "bad", corrupt=5)
     cfg = config(root, "train.iterations=1")
     batches = iter_local(cfg, "unlabeled", batch_size=1)
-    seen = {int(b["index"][0]) for b in batches}
+    seen = {i for _, i in stream_rows(batches)}
     assert 5 not in seen and len(seen) == 11
     assert len(batches.skipped) >= 1 and "unlabeled/part-00000.parquet row 5" in batches.skipped[0]
     with pytest.raises(CorruptRowError, match=r"unlabeled/part-00000.parquet row 5 \(id 'unlabeled-5'\)"):
@@ -161,8 +194,8 @@ def test_ray_datasets_match_local_rows_and_schema(ray_session, root):
     assert set(datasets) == {"labeled", "unlabeled", "val"}
     ray_rows = by_key(unlabeled_batches(datasets["unlabeled"], cfg), *SHAPES["unlabeled"])
     local_rows = by_key(iter_local(cfg, "unlabeled"), *SHAPES["unlabeled"])
-    # Batch sizes differ (per-worker 2B vs global 2B), so drop_last drops different tails; the rows agree.
-    assert len(ray_rows) == 36 and set(local_rows) <= set(ray_rows)
+    # Batch sizes differ (per-worker B vs global B), so drop_last drops different tails; the rows agree.
+    assert len(ray_rows) == 36 // 2 and set(local_rows) <= set(ray_rows)  # 3 epochs of 12 stream rows, in pairs
     assert all(np.array_equal(ray_rows[k][c], local_rows[k][c]) for k in local_rows for c in SHAPES["unlabeled"])
     batch = next(labeled_batches(datasets["labeled"], cfg, rank=1))
     assert {k: (tuple(v.shape), v.dtype) for k, v in batch.items()} == {
@@ -177,8 +210,7 @@ def test_streaming_split_covers_every_unlabelled_row_once_per_epoch(ray_session,
     seen: list[list[tuple[int, int]]] = [[], []]
 
     def consume(rank):
-        for batch in splits[rank].iter_batches(batch_size=4):
-            seen[rank].extend(zip(batch["epoch"].tolist(), batch["index"].tolist(), strict=True))
+        seen[rank].extend(stream_rows(splits[rank].iter_batches(batch_size=4)))
 
     threads = [threading.Thread(target=consume, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -197,8 +229,8 @@ def test_ray_corrupt_rows_are_counted_once_each_or_fail_naming_shard_and_row(ray
     root = make_root(tmp_path / "bad", corrupt=2)
     cfg = config(root, "train.iterations=1")
     corrupt = CorruptRowLog()
-    rows = sum(len(b["index"]) for b in build_datasets(cfg, corrupt=corrupt)["unlabeled"].iter_batches(batch_size=None))
-    assert rows == 2 * 11  # two epochs of the 11 good rows
+    used = stream_rows(build_datasets(cfg, corrupt=corrupt)["unlabeled"].iter_batches(batch_size=None))
+    assert len(set(used)) == 2 * 11  # two epochs of the 11 good rows
     # Met in both epochs (and again on any task retry), counted once: the log keeps rows, not reports.
     assert len(corrupt.rows()) == 1 and "row 2 (id 'unlabeled-2')" in corrupt.rows()[0]
     corrupt({"unlabeled/part-00000.parquet row 2": "reported again, as a retried task would"})
@@ -240,3 +272,33 @@ def test_validation_is_split_across_ranks_before_decoding(ray_session, root):
     assert not any(t.is_alive() for t in threads), "a consumer did not finish"
     # Each image reaches exactly one rank: no rank decodes an image to drop it.
     assert sorted(seen[0] + seen[1]) == [0, 1, 2]
+
+
+def decode_task_pids() -> list[int]:
+    """Pids of the processes running a decode task now (Ray titles a worker `ray::<task name>` while it runs one)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"MapBatches(StreamReader)" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    return pids
+
+
+def test_a_killed_decode_task_is_retried_without_losing_or_repeating_a_row(ray_session, tmp_path):
+    root = make_root(tmp_path / "kill", counts=(4, 64, 2))
+    cfg = config(root, "train.iterations=8")  # 8 x 8 stream rows = 1 epoch of 64 (+1 spare)
+    killed: list[int] = []
+    used = []
+    for batch in build_datasets(cfg)["unlabeled"].iter_batches(batch_size=2, prefetch_batches=0):
+        used.extend(stream_rows([batch]))
+        if not killed and (pids := decode_task_pids()):
+            os.kill(pids[0], signal.SIGKILL)  # mid-epoch: the task has streamed some of its rows, not all
+            killed.append(pids[0])
+        time.sleep(0.02)  # a slow consumer keeps tasks alive, paused with full output buffers
+    assert killed
+    # Ray re-ran the task; its rows are a pure function of (seed, epoch, row), so nothing is lost or repeated.
+    counts = Counter(used)
+    assert set(counts.values()) == {1}
+    assert sorted(counts) == [(epoch, i) for epoch in sorted({e for e, _ in counts}) for i in range(64)]

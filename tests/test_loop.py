@@ -6,7 +6,7 @@ from test_step import C, S, synthetic_batch
 from torch import nn
 
 from csl_ray.config import load_config
-from csl_ray.loop import TrainLoop, run_local, set_rng_state, split_unlabeled
+from csl_ray.loop import TrainLoop, run_local, set_rng_state
 from csl_ray.optim import poly_lr
 from csl_ray.step import unlabeled_scale
 
@@ -139,14 +139,6 @@ def test_an_exhausted_one_shot_source_is_an_error():
     cfg = tiny_cfg("ssl.enabled=false")
     with pytest.raises(ValueError, match="labeled_iter yielded no batches"):
         run_local(cfg, iter([]), None, [])
-
-
-def test_split_unlabeled_needs_an_even_row_count():
-    _, unlabeled = synthetic_batch()
-    main, mix = split_unlabeled(unlabeled)
-    assert len(main["image_weak"]) == len(mix["valid"]) == 2
-    with pytest.raises(ValueError, match="2B rows"):
-        split_unlabeled({k: v[:3] for k, v in unlabeled.items()})
 
 
 def count_forwards(module):

@@ -43,7 +43,8 @@ def blobs(n, generator, size=S):
 
 
 def synthetic_batch(seed=0, batch=B, size=S, cutmix_prob=1.0):
-    """(labelled batch of `batch` rows, unlabelled batch of 2 * `batch` rows) in the step's schema."""
+    """(labelled batch, unlabelled batch) of `batch` rows each in the step's schema (each unlabelled row with its
+    CutMix partner's columns)."""
     g = torch.Generator().manual_seed(seed)
     image, mask = blobs(batch, g, size)
     labeled = {"image": image, "mask": mask}
@@ -63,12 +64,21 @@ def synthetic_batch(seed=0, batch=B, size=S, cutmix_prob=1.0):
         "valid": valid,
         "mask": mask_u,
     }
-    return labeled, unlabeled
+    return labeled, paired({k: v[:batch] for k, v in unlabeled.items()}, {k: v[batch:] for k, v in unlabeled.items()})
+
+
+PARTNER_COLUMNS = {"partner_weak": "image_weak", "partner_strong": "image_strong", "partner_valid": "valid"}
+
+
+def paired(main, partner):
+    """The step's unlabelled batch: the main crops' columns and their partners' under `partner_*` names."""
+    return {**main, **{name: partner[column] for name, column in PARTNER_COLUMNS.items()}}
 
 
 def halves(batch):
-    n = len(batch["image_weak"]) // 2
-    return {k: v[:n] for k, v in batch.items()}, {k: v[n:] for k, v in batch.items()}
+    """(the main crops' columns, the partners' under the main crops' names) of an unlabelled batch."""
+    main = {k: v for k, v in batch.items() if k not in PARTNER_COLUMNS}
+    return main, {column: batch[name] for name, column in PARTNER_COLUMNS.items()}
 
 
 def tiny_model():
@@ -136,15 +146,13 @@ def run_step(
     bn_stats=RELEASED.bn_stats,
 ):
     default_labeled, default_unlabeled = synthetic_batch()
-    main, mix = halves(unlabeled if unlabeled is not None else default_unlabeled)
     return semi_supervised_step(
         student,
         teacher if teacher is not None else SelfTeacher(student, RELEASED.teacher.partner_pass),
         selector,
         nn.CrossEntropyLoss(ignore_index=255),
         labeled if labeled is not None else default_labeled,
-        main,
-        mix,
+        unlabeled if unlabeled is not None else default_unlabeled,
         weights=WEIGHTS,
         weight_floor=weight_floor,
         tmp_enabled=tmp_enabled,
@@ -360,8 +368,7 @@ def test_cutmix_step_equals_a_reference_computation(tmp_enabled):
         row_constant_selector,
         nn.CrossEntropyLoss(ignore_index=255),
         labeled,
-        main,
-        partner,
+        paired(main, partner),
         weights=weights,
         weight_floor=0.0,
         tmp_enabled=tmp_enabled,
@@ -490,15 +497,13 @@ def test_a_few_dozen_steps_lower_the_loss():
     losses = []
     for step in range(40):
         labeled, unlabeled = synthetic_batch(seed=step % 8)
-        main, mix = halves(unlabeled)
         out = semi_supervised_step(
             student,
             teacher,
             selector,
             nn.CrossEntropyLoss(ignore_index=255),
             labeled,
-            main,
-            mix,
+            unlabeled,
             weights=WEIGHTS,
             weight_floor=0.0,
             tmp_enabled=True,

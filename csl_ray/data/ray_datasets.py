@@ -10,7 +10,8 @@ operators is not something Ray Data plans or schedules well.
 
 - `labeled`: every worker reads the whole (subset of the) labelled split, repeated for the run; workers see it in
   different orders through a rank-seeded local shuffle (`labeled_batches(..., rank=)`).
-- `unlabeled`: split across workers in equal shares (`RunDataConfig`); each row carries all views.
+- `unlabeled`: split across workers in equal shares (`RunDataConfig`); each row carries all its views and its
+  CutMix partner's (two rows of the stream per row of the batch).
 - `val`: one pass, no random aug, full-size images, batch size 1, split across workers before decoding, each row
   to exactly one rank, so an all-reduced confusion matrix counts each image once.
 
@@ -215,10 +216,10 @@ def labeled_batches(source: Any, cfg: Config, *, rank: int = 0) -> Iterator[dict
 
 
 def unlabeled_batches(source: Any, cfg: Config) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of 2B unlabelled rows (B main crops, then B CutMix partners) from this worker's split."""
+    """Batches of B unlabelled rows, each with its CutMix partner's columns, from this worker's split."""
     return iter(
         source.iter_torch_batches(
-            batch_size=2 * per_worker_batch_size(cfg),
+            batch_size=per_worker_batch_size(cfg),
             dtypes=TORCH_DTYPES["unlabeled"],
             drop_last=True,
             prefetch_batches=cfg.data.prefetch_batches,

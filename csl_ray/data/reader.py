@@ -41,9 +41,14 @@ class StreamReader:
         self.report = report
         self.skipped: dict[str, str] = {}
         self._files: dict[str, pq.ParquetFile] = {}
-        channels = 1 if stream.split == "labeled" else 4
-        row_bytes = params.crop_size**2 * (3 * channels + 4)
-        self._chunk = max(1, YIELD_BYTES // row_bytes) if stream.split != "val" else 1
+        # Rows read per chunk: an output row's bytes (uint8 images and masks, bool maps) into YIELD_BYTES; unlabelled
+        # rows go in pairs (a main crop: 3 views, 4 maps; its partner: 2 views, 1 map), so an even number.
+        if stream.split == "val":
+            self._chunk = 1
+        elif stream.split == "labeled":
+            self._chunk = max(1, YIELD_BYTES // (params.crop_size**2 * 4))
+        else:
+            self._chunk = 2 * max(1, YIELD_BYTES // (params.crop_size**2 * (5 * 3 + 5)))
 
     def _group(self, group: RowGroup) -> pa.Table:
         if group.shard not in self._files:
@@ -131,7 +136,7 @@ def iter_local(
         split: labeled | unlabeled | val.
         root: dataset root (default `dataset_root(cfg)`).
         start_iteration: resume point.
-        batch_size: default: the global batch (labelled), twice it (unlabelled: main crops + CutMix partners), 1 (val).
+        batch_size: default: the global batch (labelled and unlabelled; an unlabelled row carries its partner), 1 (val).
 
     Returns:
         A re-iterable of batch dicts (TORCH_DTYPES[split]); one pass over a training split covers the whole run.
@@ -139,7 +144,7 @@ def iter_local(
     root = root or dataset_root(cfg)
     labeled_batch = cfg.data.global_batch_size
     stream = plan_streams(cfg, root, labeled_batch=labeled_batch, start_iteration=start_iteration)[split]
-    default = {"labeled": labeled_batch, "unlabeled": 2 * labeled_batch, "val": 1}[split]
+    default = {"labeled": labeled_batch, "unlabeled": labeled_batch, "val": 1}[split]
     return LocalBatches(
         stream, view_params(cfg), strict=cfg.data.strict, batch_size=batch_size or default, drop_last=split != "val"
     )

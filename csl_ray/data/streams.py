@@ -150,7 +150,7 @@ def plan_streams(cfg: Config, root: str, *, labeled_batch: int, start_iteration:
     labeled = row_groups(root, "labeled", subset) + (unlabeled if cfg.data.oracle_labels else ())
     n_labeled = sum(len(g.rows) for g in labeled)
     n_unlabeled = sum(len(g.rows) for g in unlabeled)
-    unlabeled_per_iteration = 2 * cfg.data.global_batch_size
+    unlabeled_per_iteration = 2 * cfg.data.global_batch_size  # each batch row: a main crop and its CutMix partner
     return {
         "labeled": Stream(
             root, "labeled", labeled, seed,

@@ -20,7 +20,7 @@ from csl_ray.config import Config
 from csl_ray.masking import cutmix_box, tmp_cells
 
 TORCH_DTYPES: dict[str, dict[str, torch.dtype]] = {
-    "labeled": {"image": torch.uint8, "mask": torch.int64, "index": torch.int64, "epoch": torch.int64},
+    "labeled": {"image": torch.uint8, "mask": torch.uint8, "index": torch.int64, "epoch": torch.int64},
     "unlabeled": {
         "image_weak": torch.uint8,
         "image_strong": torch.uint8,
@@ -28,13 +28,18 @@ TORCH_DTYPES: dict[str, dict[str, torch.dtype]] = {
         "tmp_cells": torch.bool,
         "cutmix_box": torch.bool,
         "valid": torch.bool,
-        "mask": torch.int64,
+        "mask": torch.uint8,
         "index": torch.int64,
         "epoch": torch.int64,
+        "partner_weak": torch.uint8,
+        "partner_strong": torch.uint8,
+        "partner_valid": torch.bool,
+        "partner_index": torch.int64,
     },
-    "val": {"image": torch.uint8, "mask": torch.int64, "index": torch.int64},
+    "val": {"image": torch.uint8, "mask": torch.uint8, "index": torch.int64},
 }
-"""`iter_torch_batches(dtypes=TORCH_DTYPES[split])`: masks travel as uint8 (8x less than int64) and widen here."""
+"""`iter_torch_batches(dtypes=TORCH_DTYPES[split])`: masks stay uint8 (8x less than int64) until the training device,
+where the step and `evaluate` widen them."""
 
 STREAM_IDS = {"labeled": 1, "unlabeled": 2, "val": 3}
 """Each split's own number in the seeds of its random draws."""
@@ -158,6 +163,37 @@ def unlabeled_views(
     }
 
 
+def partner_views(
+    image: torch.Tensor, mask: torch.Tensor, params: ViewParams, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The views a row's CutMix partner contributes: its weak crop and the strong view pasted into the row's box.
+
+    Args:
+        image: uint8 [3, H, W] of the partner.
+        mask: uint8 [H, W] (shapes the crop; not returned).
+
+    Returns:
+        `partner_weak`, `partner_strong` uint8 [3, S, S]; `partner_valid` bool [S, S].
+    """
+    weak, _, valid = resize_crop_flip(
+        image, mask, crop_size=params.crop_size, scale_range=params.scale_range, ignore_index=params.ignore_index,
+        generator=generator,
+    )  # fmt: skip
+    return {"partner_weak": weak, "partner_strong": strong_view(weak, generator), "partner_valid": valid}
+
+
+Decoded = tuple[int, torch.Tensor, torch.Tensor]
+"""(row number within the group, image uint8 [3, H, W], mask uint8 [H, W])."""
+
+
+def pairs(decoded: list[Decoded]) -> list[tuple[Decoded, Decoded]]:
+    """Consecutive rows as (main, CutMix partner) pairs; an odd row left over takes the first row as its partner."""
+    paired = list(zip(decoded[0::2], decoded[1::2], strict=False))  # the odd row out is paired below
+    if len(decoded) % 2:
+        paired.append((decoded[-1], decoded[0]))
+    return paired
+
+
 def transform_rows(
     table: pa.Table,
     rows: list[int],
@@ -173,6 +209,9 @@ def transform_rows(
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, str]]:
     """Decodes and augments rows of one row group (a pure function: numpy/torch in, arrays out).
 
+    Unlabelled rows are paired in the given order (`pairs`): the first of a pair gives a row's own views, the second
+    only its `partner_*` views, so each output row is a main crop with its CutMix partner.
+
     Args:
         table: the row group with columns id, image, mask.
         rows: row numbers within the group, in output order.
@@ -184,36 +223,45 @@ def transform_rows(
         strict: raise CorruptRowError instead of skipping a row that does not decode.
 
     Returns:
-        (one dict of numpy arrays per kept row, each with `index` and, for training splits, `epoch`;
-        {"shard row N": "shard row N (id ...): corrupt: error"} for the skipped rows).
+        (one dict of numpy arrays per kept row (unlabelled: per pair), each with `index` and, for training splits,
+        `epoch`; {"shard row N": "shard row N (id ...): corrupt: error"} for the skipped rows).
     """
     ids = table.column("id").to_pylist()
     images = table.column("image")
     masks = table.column("mask")
-    out, skipped = [], {}
+    decoded: list[Decoded] = []
+    skipped = {}
     for row in rows:
         try:
             mask = masks[row].as_py()
             if mask is None and split != "unlabeled":
                 raise ValueError("no mask in a labelled split")
-            image, labels = decode_row(images[row].as_py(), mask, params.ignore_index)
+            decoded.append((row, *decode_row(images[row].as_py(), mask, params.ignore_index)))
         except (RuntimeError, ValueError) as err:
             key = f"{where} row {first_row + row}"
             message = f"{key} (id {ids[row]!r}): corrupt: {err}"
             if strict:
                 raise CorruptRowError(message) from err
             skipped[key] = message
-            continue
-        if split == "val":
-            views = {"image": image, "mask": labels}
-        else:
-            generator = row_generator(seed, split, epoch, ids[row])
-            make = labeled_views if split == "labeled" else unlabeled_views
-            views = make(image, labels, params, generator)
-            views["epoch"] = torch.tensor(epoch)
+    out = []
+    if split == "unlabeled":
+        for (row, image, labels), (partner, partner_image, partner_labels) in pairs(decoded):
+            views = unlabeled_views(image, labels, params, row_generator(seed, split, epoch, ids[row]))
+            generator = row_generator(seed, split, epoch, ids[partner])
+            views.update(partner_views(partner_image, partner_labels, params, generator))
+            views["partner_index"] = torch.tensor(first_index + partner)
+            out.append((row, views))
+    else:
+        for row, image, labels in decoded:
+            if split == "val":
+                out.append((row, {"image": image, "mask": labels}))
+            else:
+                out.append((row, labeled_views(image, labels, params, row_generator(seed, split, epoch, ids[row]))))
+    for row, views in out:
         views["index"] = torch.tensor(first_index + row)
-        out.append({k: v.numpy() for k, v in views.items()})
-    return out, skipped
+        if split != "val":
+            views["epoch"] = torch.tensor(epoch)
+    return [{k: v.numpy() for k, v in views.items()} for _, views in out], skipped
 
 
 def stack_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
