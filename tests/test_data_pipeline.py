@@ -274,15 +274,34 @@ def test_validation_is_split_across_ranks_before_decoding(ray_session, root):
     assert sorted(seen[0] + seen[1]) == [0, 1, 2]
 
 
+def parent(pid: int) -> int:
+    """The parent pid of a process (0 when it has ended)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descends_from_this_process(pid: int) -> bool:
+    """Whether `pid` was started by this test session (its Ray's workers descend from this process)."""
+    while pid > 1:
+        pid = parent(pid)
+        if pid == os.getpid():
+            return True
+    return False
+
+
 def decode_task_pids() -> list[int]:
-    """Pids of the processes running a decode task now (Ray titles a worker `ray::<task name>` while it runs one)."""
+    """Pids of this session's processes running a decode task now (Ray titles a worker `ray::<task name>` while it
+    runs one); other Ray instances on the machine are left alone."""
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"MapBatches(StreamReader)" in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
+            running = b"MapBatches(StreamReader)" in cmdline.read_bytes()
         except OSError:  # the process ended meanwhile
             continue
+        if running and descends_from_this_process(int(cmdline.parent.name)):
+            pids.append(int(cmdline.parent.name))
     return pids
 
 
