@@ -12,8 +12,8 @@ What runs where:
 - Each Train worker runs `train_worker`: a `TrainLoop` on its device, wrapped in DDP when there are several
   workers; labelled batches of B = global_batch_size / num_workers from the whole labelled set (every rank sees
   all of it, in its own order) and B unlabelled rows, each with its CutMix partner, per iteration from this rank's
-  share of the unlabelled stream (`streaming_split(equal=True)`, so every rank runs the same number of steps). The schedule is per iteration, so
-  the recipe does not depend on the worker count; the global batch is B x num_workers.
+  share of the unlabelled stream (`streaming_split(equal=True)`, so every rank runs the same number of steps). The
+  schedule is per iteration, so the recipe does not depend on the worker count; the global batch is B x num_workers.
 - Validation every `train.eval_every` iterations and at the end: the validation stream is split across the ranks
   before decoding (each image to one rank, `RunDataConfig`) and `evaluate` all-reduces the confusion matrix, so the
   mIoU is exactly the whole-set mIoU at 1/world_size of the decoding and forward passes.

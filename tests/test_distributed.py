@@ -129,7 +129,8 @@ def record_unlabeled_rows(config):
     shard = ray.train.get_dataset_shard("unlabeled")
     rows = []
     for batch in shard.iter_batches(batch_size=16, batch_format="numpy"):
-        rows.extend(zip(batch["epoch"].tolist(), batch["index"].tolist(), strict=True))
+        for column in ("index", "partner_index"):  # each unlabelled row carries its CutMix partner's row
+            rows.extend(zip(batch["epoch"].tolist(), batch[column].tolist(), strict=True))
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(rows))
 
 
