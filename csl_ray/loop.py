@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Iterable, Iterator
 from inspect import signature
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from csl_ray.cadence import Due, run_steps
 from csl_ray.config import Config
 from csl_ray.evaluate import eval_options, evaluate
 from csl_ray.losses import build_labeled_loss
@@ -319,20 +319,18 @@ def run_local(
     loop = TrainLoop(cfg, device)
     labeled = _forever(labeled_iter, "labeled_iter")
     unlabeled = _forever(unlabeled_iter, "unlabeled_iter") if cfg.ssl.enabled else None
-    total = cfg.train.iterations
     history: list[dict] = []
-    train_seconds = 0.0
-    while loop.step < total:
-        start = time.perf_counter()
-        metrics = loop.train_step(next(labeled), next(unlabeled) if unlabeled is not None else None)
-        train_seconds += time.perf_counter() - start
-        if log is not None and (loop.step % cfg.logging.log_every == 0 or loop.step == total):
+
+    def after_step(metrics: dict, due: Due) -> None:
+        if log is not None and due.log:
             log(metrics)
-        if loop.step % cfg.train.eval_every == 0 or loop.step == total:
+        if due.validate:
             result = {"step": loop.step, **loop.validate(val_batches)}
             history.append(result)
             if log is not None:
                 log(result)
+
+    train_seconds = run_steps(loop, labeled, unlabeled, after_step)
     return {
         "step": loop.step,
         "best_miou": loop.best_miou,

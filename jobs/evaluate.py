@@ -14,10 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
+from csl_ray.checkpoint import CheckpointError, checkpoint_of
+from csl_ray.cli import format_iou_table
 from csl_ray.config import ConfigError, load_config
 from csl_ray.evaluate import MODES
+from csl_ray.offline_eval import draw_pseudo_labels, evaluate_checkpoint
 from csl_ray.preflight import check_dataset, check_writable, usage_error
-from csl_ray.train import draw_pseudo_labels, evaluate_checkpoint, format_iou_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    checkpoint = Path(args.checkpoint)
-    if (checkpoint / "results.json").is_file():
-        results = json.loads((checkpoint / "results.json").read_text())
-        checkpoint = Path(results["best_checkpoint"] or results["checkpoint"])
-    if not (checkpoint / "state.pt").is_file():
-        parser.error(f"{checkpoint}: not a checkpoint directory (no state.pt) or run directory (no results.json)")
+    try:
+        checkpoint = checkpoint_of(args.checkpoint)
+    except CheckpointError as err:
+        parser.error(str(err))
     try:  # before any work: a bad root or output path costs a second, not an evaluation
         cfg = load_config(path=checkpoint / "config.yaml")
         cfg.data.root = args.root or cfg.data.root

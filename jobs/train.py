@@ -8,7 +8,7 @@ With no arguments this is the embedded default: a local Ray, the built-in datase
     python jobs/train.py --config exp.yaml ray.num_workers=4 ray.use_gpu=true train.name=exp1
     python jobs/train.py --preset pascal --set data.root=/data/pascal --set ray.storage_path=s3://bucket/runs
 
-Re-running with the same `train.name` (and storage) resumes from its latest checkpoint. On a cluster:
+Re-running with the same `train.name` (and storage) resumes from its newest checkpoint that verifies. On a cluster:
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train.py --config exp.yaml
 
@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 
+from csl_ray.cli import add_config_arguments, config_from_arguments
 from csl_ray.config import ConfigError, reference_text
 from csl_ray.preflight import check_run, usage_error
-from csl_ray.train import add_config_arguments, config_from_arguments, train
+from csl_ray.train import train
 
 
 def build_parser() -> argparse.ArgumentParser:

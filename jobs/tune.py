@@ -16,10 +16,10 @@ import argparse
 
 import ray
 
+from csl_ray.cli import add_config_arguments, config_from_arguments
 from csl_ray.config import ConfigError, reference_text
 from csl_ray.preflight import check_run, usage_error
 from csl_ray.ray_session import init_ray
-from csl_ray.train import add_config_arguments, config_from_arguments
 from csl_ray.tune import (
     DEFAULT_FRACTIONS,
     DEFAULT_SPACE,

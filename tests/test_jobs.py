@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from csl_ray.cli import SMOKE_OVERRIDES, config_from_arguments
 from csl_ray.config import load_config
-from csl_ray.train import SMOKE_OVERRIDES, config_from_arguments
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
