@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import cloudpickle
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
+from ray import cloudpickle
 from test_step import synthetic_batch
 from test_train import small_dataset, tiny, tiny_overrides
 
@@ -29,8 +29,8 @@ from csl_ray.train import fit, resume_step, storage_path
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
-# The filesystem below travels to the Train worker inside RunConfig; workers cannot import test modules, so it is
-# pickled by value.
+# The filesystem below travels to the Train controller and worker inside RunConfig; they cannot import test modules,
+# so Ray's cloudpickle sends its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
