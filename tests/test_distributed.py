@@ -19,8 +19,9 @@ from torch import nn
 
 from csl_ray.loop import TrainLoop
 from csl_ray.metrics import ConfusionMatrix
+from csl_ray.offline_eval import evaluate_checkpoint
 from csl_ray.tracking import RunDir
-from csl_ray.train import build_trainer, evaluate_checkpoint, fit
+from csl_ray.train import build_trainer, fit
 
 WORLD_SIZE = 2
 # A missing collective shows as a timeout error instead of a hang; generous for a loaded 2-core machine.
