@@ -117,8 +117,10 @@ def test_a_killed_worker_process_restarts_the_group_from_the_last_checkpoint(rec
     rows = RunDir(summary["run_dir"]).read_metrics()
     steps = [r["step"] for r in rows]
     assert steps[-1] == cfg.train.iterations and set(steps) == set(range(1, cfg.train.iterations + 1))
-    # Nothing up to the checkpoint ran twice: the new group continued from it, not from the start.
-    assert all(steps.count(step) == 1 for step in range(1, summary["resumed_from"] + 1)), steps
+    # Nothing up to the checkpoint was reported twice (read_metrics keeps one row per step, so read every row): the
+    # new group continued from the checkpoint, not from the start.
+    reported = [json.loads(line)["step"] for line in RunDir(summary["run_dir"]).metrics.read_text().splitlines()]
+    assert all(reported.count(step) == 1 for step in range(1, summary["resumed_from"] + 1)), reported
     assert math.isfinite(summary["miou"]) and 0 <= summary["miou"] <= 100
     assert len(summary["iou_per_class"]) == cfg.data.num_classes == len(summary["class_names"])
     assert 0 <= summary["train"]["selected_ratio"] <= 1 and math.isfinite(summary["train"]["loss"])
