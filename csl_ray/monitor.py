@@ -42,8 +42,8 @@ class RunMonitor(UserCallback):
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for rank, error in worker_exceptions.items():
             print(
-                f"[{self.name}] worker {rank} failed: {error!r} (restarts from the latest checkpoint while "
-                "ray.max_failures allows)",
+                f"[{self.name}] worker {rank} failed: {error!r} (restarts from the newest checkpoint that verifies "
+                "while ray.max_failures allows)",
                 flush=True,
             )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import NoReturn
@@ -96,8 +97,36 @@ def check_writable(key: str, path: str | os.PathLike | None, *, is_file: bool = 
         raise ConfigError(f"{key}={path}: cannot write in {existing} ({err.strerror or err})") from err
 
 
+def is_listening(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at `host:port` (a cluster's GCS answers at its address)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def check_ray_address(cfg: Config) -> None:
+    """The cluster named by `ray.address` (or RAY_ADDRESS) answers. Ray itself would retry an address where nothing
+    listens for about a minute and end in a ConnectionError traceback. `local`, `auto` and unset are Ray's to
+    resolve (see ray_session.init_ray)."""
+    key, address = (
+        ("ray.address", cfg.ray.address) if cfg.ray.address else ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
+    )
+    if not address or address in ("local", "auto"):
+        return
+    host_port = address.split("://", 1)[-1].rstrip("/")  # ray://host:10001 (Ray Client) or host:port (the GCS)
+    if not is_listening(host_port):
+        raise ConfigError(
+            f"{key}={address}: no Ray cluster answers there (is it up? `ray status --address {host_port}`; "
+            "ray.address=local starts a private local Ray instead)"
+        )
+
+
 def check_run(cfg: Config) -> None:
     """Everything a training run or sweep reads or writes before its first iteration (jobs/train.py, jobs/tune.py)."""
+    check_ray_address(cfg)
     check_writable("train.output_dir", cfg.train.output_dir)
     check_writable("ray.storage_path", cfg.ray.storage_path)
     check_dataset(cfg)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 
 import ray
 
 from csl_ray.config import Config
 from csl_ray.data.ray_datasets import data_cpus
+from csl_ray.preflight import is_listening
 
 LOCAL = "local"
 """`ray.address=local`: start a new local Ray even when a cluster runs on this machine (Ray's own keyword)."""
@@ -42,16 +42,6 @@ def recorded_cluster_address() -> str | None:
     from ray._private.utils import read_ray_address
 
     return read_ray_address() or None
-
-
-def is_listening(address: str, timeout_s: float = 2.0) -> bool:
-    """Whether something accepts TCP connections at `host:port` (a cluster's GCS answers at its address)."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 def _attach(address: str | None, why: str, cfg: Config) -> None:

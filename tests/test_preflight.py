@@ -6,6 +6,7 @@ dir, so whatever it would have created is visible.
 """
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from csl_ray.config import dump_config, load_config
+from csl_ray.config import ConfigError, dump_config, load_config
+from csl_ray.preflight import check_ray_address
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -58,7 +60,10 @@ def inputs(tmp_path) -> dict[str, Path]:
     (garbled / "manifest.json").write_text("{not json")
     wrong_layout = tmp_path / "weights.pth"
     torch.save({"head.weight": torch.zeros(2, 2)}, wrong_layout)
-    return {"not_a_dir": not_a_dir, "garbled": garbled, "wrong_layout": wrong_layout}
+    with socket.socket() as probe:  # a port nothing listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        dead_address = f"127.0.0.1:{probe.getsockname()[1]}"
+    return {"not_a_dir": not_a_dir, "garbled": garbled, "wrong_layout": wrong_layout, "dead_address": dead_address}
 
 
 TRAIN_CASES = {
@@ -84,6 +89,7 @@ TRAIN_CASES = {
         [f"ray.storage_path={i['not_a_dir']}/ray"],
         ("ray.storage_path", f"{i['not_a_dir']}/ray"),
     ),
+    "unreachable cluster": lambda i: ([f"ray.address={i['dead_address']}"], ("ray.address", i["dead_address"])),
     "missing config file": lambda i: (["--config", "/nonexistent/exp.yaml"], ("/nonexistent/exp.yaml",)),
 }
 """Case -> (inputs -> (command-line arguments, what the error line must name))."""
@@ -120,3 +126,14 @@ def test_evaluate_job_rejects_bad_input_in_one_line(flag, checkpoint, inputs, wo
     run = run_job("evaluate.py", [str(checkpoint), flag, value], workdir)
     assert_usage_error(run, "evaluate.py", "data.root" if flag == "--root" else flag, value)
     assert_nothing_written(workdir)
+
+
+def test_an_unreachable_ray_address_env_is_named_and_local_or_auto_are_left_to_ray(inputs, monkeypatch):
+    cfg = load_config(preset="tiny")
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://{inputs['dead_address']}")
+    with pytest.raises(ConfigError, match=f"RAY_ADDRESS=ray://{inputs['dead_address']}: no Ray cluster answers"):
+        check_ray_address(cfg)
+    for address in ("local", "auto"):
+        check_ray_address(load_config(preset="tiny", overrides=[f"ray.address={address}"]))
+    monkeypatch.delenv("RAY_ADDRESS")
+    check_ray_address(cfg)

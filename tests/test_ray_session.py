@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from csl_ray.data.builtin import ensure_builtin_dataset
-from csl_ray.ray_session import is_listening, recorded_cluster_address
+from csl_ray.preflight import is_listening
+from csl_ray.ray_session import recorded_cluster_address
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 ATTACHED = "csl-ray: attached to the Ray cluster at"

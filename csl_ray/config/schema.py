@@ -187,7 +187,7 @@ class TrainConfig:
     output_dir: str = "runs"
     """Local run directories (config.yaml, metrics.jsonl, results.json, plots)."""
     name: str | None = None
-    """Run name; re-running with the same name and storage resumes from its latest checkpoint."""
+    """Run name; re-running with the same name and storage resumes from its newest checkpoint that verifies."""
 
 
 @dataclass
@@ -206,7 +206,7 @@ class RayConfig:
     storage_path: str | None = None
     """Checkpoint storage: a local dir, s3://... or gs://...; None = <output_dir>/ray."""
     max_failures: int = 1
-    """Worker-group restarts from the latest checkpoint before the run fails."""
+    """Worker-group restarts (each from the newest checkpoint that verifies) before the run fails."""
     num_to_keep: int = 2
     """Checkpoints kept by Ray Train, ranked by validation mIoU."""
 
