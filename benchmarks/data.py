@@ -2,13 +2,14 @@
 
 The work per unlabelled batch row is the training pipeline's: decode two rows (JPEG + PNG mask each); for the main
 crop resize/crop/flip, strong view, TMP view (mild + cells, or a second strong draw), CutMix box; for its CutMix
-partner resize/crop/flip and strong view. Two datasets: the built-in one (96-px scenes, crop 64
-as in the `tiny` preset) and generated VOC-sized JPEGs (500x375, crop 321 as in the `pascal` preset). Ray Data runs
-`csl_ray.data.ray_datasets.ray_dataset` (tasks, and an actor pool of the same size); the DataLoader runs a map-style
-dataset over the same encoded rows held in memory with `num_workers = --cpus`. Rows/s is over a whole pass (Ray's
-worker processes are warmed up first, as a training run pays their start once); the time to the first batch is
-reported separately. Each pipeline runs `--repeats` times and the best run counts, since a shared machine's load
-varies.
+partner resize/crop/flip and strong view. Two datasets: the built-in one (96-px scenes, crop 64 as in the `tiny`
+preset) and generated VOC-sized JPEGs (500x375, crop 321 as in the `pascal` preset). Ray Data runs
+`csl_ray.data.ray_datasets.ray_dataset` with decode tasks (the default, `data.decode_workers=0`); the DataLoader runs a
+map-style dataset over the same encoded rows held in memory with `num_workers = --cpus`. Rows/s is over a whole pass
+(Ray's worker processes are warmed up first, as a training run pays their start once); the time to the first batch is
+reported separately. The pipelines run side by side in `--repeats` rounds (each round times each pipeline once, back to
+back); the table gives medians, and the ratio is the median over rounds of a pipeline's rate over the DataLoader's in
+the same round, so a shared machine's drifting load moves both sides of each ratio alike.
 
     python benchmarks/data.py                 # 2 CPUs, prints a markdown table
     python benchmarks/data.py --cpus 8 --epochs 4
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Iterable
@@ -91,39 +93,66 @@ def timed(batches: Iterable[dict]) -> tuple[int, float, float]:
     return rows, first, rows / (time.perf_counter() - start)
 
 
-def run(name: str, root: str, crop: int, epochs: int, cpus: int, repeats: int, reservation: bool) -> list[tuple]:
-    """Best of `repeats` for each pipeline (the machine may be shared): (dataset, pipeline, rows, first s, rows/s)."""
+def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[tuple]:
+    """The pipelines side by side, `args.repeats` rounds, each round timing every pipeline once, back to back.
+
+    Returns (dataset, pipeline, rows, first batch s, median rows/s, median ratio of its round's rate to the
+    DataLoader's in the same round). Pairing by round keeps a shared machine's drifting load out of the ratio.
+    """
     import ray
 
     cfg = load_config(preset="tiny", overrides=[f"data.crop_size={crop}"])
     params = view_params(cfg)
-    stream = Stream(root, "unlabeled", row_groups(root, "unlabeled"), seed=0, num_epochs=epochs)
-    runs: dict[str, list[tuple]] = {}
+    stream = Stream(root, "unlabeled", row_groups(root, "unlabeled"), seed=0, num_epochs=args.epochs)
     # address=local: a private Ray of exactly `cpus` CPUs, never a cluster that `ray start` left on the machine.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().op_resource_reservation_enabled = reservation
-    for label, workers in (("Ray Data, tasks", 0), (f"Ray Data, {cpus} actors", cpus)):
-        # One untimed pass first: it starts Ray's worker processes (each imports torch, seconds here), which a
-        # training run pays once; the timed passes follow back to back so they find those processes warm.
-        for repeat in range(repeats + 1):
-            dataset = ray_dataset(stream, params, strict=False, decode_workers=workers)
-            result = timed(dataset.iter_torch_batches(batch_size=BATCH, dtypes=TORCH_DTYPES["unlabeled"]))
-            if repeat:
-                runs.setdefault(label, []).append(result)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = not args.no_reservation
+
+    def ray_pass() -> tuple[int, float, float]:
+        dataset = ray_dataset(stream, params, strict=False, decode_workers=0)
+        return timed(dataset.iter_torch_batches(batch_size=BATCH, dtypes=TORCH_DTYPES["unlabeled"]))
+
+    def loader_pass() -> tuple[int, float, float]:
+        dataset = RowDataset(root, params, args.epochs)
+        return timed(torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=args.cpus))
+
+    baseline = f"DataLoader, {args.cpus} workers"
+    pipelines = {"Ray Data, tasks": ray_pass, baseline: loader_pass}
+    # One untimed Ray pass first: it starts Ray's worker processes (each imports torch, seconds here), which a
+    # training run pays once. Ray stays up, idle, while the DataLoader runs.
+    ray_pass()
+    rounds = [{label: measure() for label, measure in pipelines.items()} for _ in range(args.repeats)]
     ray.shutdown()
-    label = f"DataLoader, {cpus} workers"
-    for _ in range(repeats):
-        loader = torch.utils.data.DataLoader(RowDataset(root, params, epochs), batch_size=BATCH, num_workers=cpus)
-        runs.setdefault(label, []).append(timed(loader))
-    return [(name, label, *max(results, key=lambda r: r[2])) for label, results in runs.items()]
+    rows = []
+    for label in pipelines:
+        results = [r[label] for r in rounds]
+        rows.append(
+            (
+                name,
+                label,
+                results[0][0],
+                statistics.median(r[1] for r in results),
+                statistics.median(r[2] for r in results),
+                statistics.median(r[label][2] / r[baseline][2] for r in rounds),
+            )
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray (num_cpus) and DataLoader workers")
-    parser.add_argument("--epochs", type=int, default=2, help="passes over each dataset per measurement")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=6,
+        help="passes over each dataset per measurement: long enough that each execution's first second (Ray Data "
+        "schedules one task at a time until its resource limits first arrive) does not dominate the rate",
+    )
     parser.add_argument("--jpeg-images", type=int, default=96, help="generated 500x375 JPEGs (crop 321)")
-    parser.add_argument("--repeats", type=int, default=2, help="measurements per pipeline; the best is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds; each times every pipeline once, and the medians are reported"
+    )
     parser.add_argument("--cache", default=None, help="where to put the datasets (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     parser.add_argument(
@@ -142,25 +171,22 @@ def main() -> None:
         jpegs = str(make_jpeg_dataset(cache / "jpeg", args.jpeg_images))
         rows = []
         for name, root, crop in (("built-in 96 px, crop 64", builtin, 64), ("JPEG 500x375, crop 321", jpegs, 321)):
-            rows.extend(run(name, root, crop, args.epochs, args.cpus, args.repeats, not args.no_reservation))
+            rows.extend(run(name, root, crop, args))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, {args.cpus} used"
     load = f"load average {os.getloadavg()[0]:.1f}"
     reservation = "off" if args.no_reservation else "on"
     print(
         f"\nmachine: {machine}, {load}; torch {torch.__version__}, ray {ray.__version__}; reservation {reservation}\n"
     )
-    print("| dataset | pipeline | rows | first batch (s) | rows/s | ratio vs DataLoader |")
+    print("| dataset | pipeline | rows per pass | first batch (s) | rows/s | ratio vs DataLoader |")
     print("|---|---|---|---|---|---|")
     table = []
-    for name in dict.fromkeys(r[0] for r in rows):
-        group = [r for r in rows if r[0] == name]
-        baseline = group[-1][4]  # the DataLoader runs last
-        for _, label, count, first, rate in group:
-            print(f"| {name} | {label} | {count} | {first:.1f} | {rate:.0f} | {rate / baseline:.2f} |")
-            table.append(
-                {"dataset": name, "pipeline": label, "rows": count, "first_batch_s": first, "rows_per_s": rate,
-                 "ratio_vs_dataloader": rate / baseline}
-            )  # fmt: skip
+    for name, label, count, first, rate, ratio in rows:
+        print(f"| {name} | {label} | {count} | {first:.1f} | {rate:.0f} | {ratio:.2f} |")
+        table.append(
+            {"dataset": name, "pipeline": label, "rows": count, "first_batch_s": first, "rows_per_s": rate,
+             "ratio_vs_dataloader": ratio}
+        )  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         results = {"machine": machine, "load": load, "reservation": reservation, "results": table}
