@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from csl_ray.config import PRESETS, Config, load_config
+from csl_ray.config import PRESETS, Config, load_config, reference_text
 
 SMOKE_OVERRIDES = [
     "train.iterations=4",
@@ -26,6 +26,18 @@ SMOKE_OVERRIDES = [
     "logging.log_every=1",
 ]
 """`--smoke`: a few iterations on one worker (applied before the command line's own overrides)."""
+
+
+def config_parser(description: str, keys_for: str) -> argparse.ArgumentParser:
+    """The parser of a job that takes a config (jobs/train.py, jobs/tune.py): its docstring as description, the
+    config flags, and every config key with its default and meaning after the flags ("Config keys (`keys_for`)")."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Config keys ({keys_for}), default and meaning:\n" + reference_text(),
+    )
+    add_config_arguments(parser)
+    return parser
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,20 +20,14 @@ from __future__ import annotations
 
 import argparse
 
-from csl_ray.cli import add_config_arguments, config_from_arguments
-from csl_ray.config import ConfigError, reference_text
+from csl_ray.cli import config_from_arguments, config_parser
+from csl_ray.config import ConfigError
 from csl_ray.preflight import check_run, usage_error
 from csl_ray.train import train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Config keys (KEY=VALUE overrides), default and meaning:\n" + reference_text(),
-    )
-    add_config_arguments(parser)
-    return parser
+    return config_parser(__doc__, "KEY=VALUE overrides")
 
 
 def main(argv: list[str] | None = None) -> None:

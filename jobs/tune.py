@@ -16,8 +16,8 @@ import argparse
 
 import ray
 
-from csl_ray.cli import add_config_arguments, config_from_arguments
-from csl_ray.config import ConfigError, reference_text
+from csl_ray.cli import config_from_arguments, config_parser
+from csl_ray.config import ConfigError
 from csl_ray.preflight import check_run, usage_error
 from csl_ray.ray_session import init_ray
 from csl_ray.tune import (
@@ -33,12 +33,7 @@ from csl_ray.tune import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Config keys (for overrides and --space), default and meaning:\n" + reference_text(),
-    )
-    add_config_arguments(parser)
+    parser = config_parser(__doc__, "for overrides and --space")
     default_space = " ".join(f"{k}={','.join(map(str, v))}" for k, v in DEFAULT_SPACE.items())
     parser.add_argument(
         "--space",

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -183,16 +184,21 @@ def test_cli_converts_verifies_and_fails_with_nonzero_status(voc, tmp_path):
     assert failed.returncode != 0 and "2007_000002.jpg: unreadable image" in failed.stderr
 
 
-def test_coco_layout_defaults_val_and_unlabeled(tmp_path):
-    root = tmp_path / "coco"
+def write_coco_tree(root: Path, mask_of: Callable[[str], np.ndarray]) -> None:
+    """A COCO-layout tree of 3 train and 1 val 5x7 images (masks from `mask_of(image name)`), image 1 labelled."""
     for split, ids in (("train2017", range(3)), ("val2017", [9])):
         (root / split).mkdir(parents=True)
         (root / "masks" / split).mkdir(parents=True)
         for i in ids:
             name = f"{i:012d}"
             Image.fromarray(np.full((5, 7, 3), 90, np.uint8)).save(root / split / f"{name}.jpg")
-            Image.fromarray(np.full((5, 7), 80, np.uint8), mode="L").save(root / "masks" / split / f"{name}.png")
+            Image.fromarray(mask_of(name), mode="L").save(root / "masks" / split / f"{name}.png")
     (root / "labeled.txt").write_text("train2017/000000000001.jpg masks/train2017/000000000001.png\n")
+
+
+def test_coco_layout_defaults_val_and_unlabeled(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_tree(root, lambda name: np.full((5, 7), 80, np.uint8))
     summary = convert("coco", root, tmp_path / "out", labeled=str(root / "labeled.txt"), workers=1, progress=False)
     assert summary["splits"] == {"labeled": 1, "unlabeled": 2, "val": 1}
     assert len(summary["class_names"]) == 81 and summary["classes_seen"] == [80]
@@ -273,16 +279,9 @@ def random_ids(rng: np.random.Generator, num_classes: int, shape: tuple[int, int
 
 
 def test_coco_masks_round_trip_with_ignore(tmp_path):
-    root, rng, masks = tmp_path / "coco", np.random.default_rng(3), {}
-    for split, ids in (("train2017", range(3)), ("val2017", [9])):
-        (root / split).mkdir(parents=True)
-        (root / "masks" / split).mkdir(parents=True)
-        for i in ids:
-            name = f"{i:012d}"
-            Image.fromarray(np.full((5, 7, 3), 90, np.uint8)).save(root / split / f"{name}.jpg")
-            masks[name] = random_ids(rng, 81, (5, 7))
-            Image.fromarray(masks[name], mode="L").save(root / "masks" / split / f"{name}.png")
-    (root / "labeled.txt").write_text("train2017/000000000001.jpg masks/train2017/000000000001.png\n")
+    root, rng = tmp_path / "coco", np.random.default_rng(3)
+    masks = {}
+    write_coco_tree(root, lambda name: masks.setdefault(name, random_ids(rng, 81, (5, 7))))
     convert("coco", root, tmp_path / "out", labeled=str(root / "labeled.txt"), workers=1, progress=False)
     decoded = decoded_masks(tmp_path / "out")
     assert sum(len(rows) for rows in decoded.values()) == 4
