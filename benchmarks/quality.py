@@ -47,24 +47,27 @@ from csl_ray.data.reader import iter_local
 from csl_ray.data.streams import dataset_root
 from csl_ray.loop import run_local
 
+RELEASED_CSL = ["ssl.selector.kind=csl", "ssl.warmup_iterations=0"]
+RELEASED_THRESHOLD = ["ssl.selector.kind=threshold", "ssl.warmup_iterations=0"]
+"""The released recipes: no warm-up, whatever the `tiny` preset adopts; every variant changes one thing of these."""
 METHODS = {
     "supervised": ["ssl.enabled=false"],
     "oracle": ["ssl.enabled=false", "data.oracle_labels=true"],
-    "threshold": ["ssl.selector.kind=threshold", "ssl.warmup_iterations=0"],
-    "csl": ["ssl.selector.kind=csl", "ssl.warmup_iterations=0"],
+    "threshold": RELEASED_THRESHOLD,
+    "csl": RELEASED_CSL,
 }
 VARIANTS = {
-    "csl_covar": ["ssl.selector.kind=csl", "ssl.selector.residual_rule=covar"],
-    "csl_alpha2": ["ssl.selector.kind=csl", "ssl.selector.alpha=2"],
-    "csl_no_tmp": ["ssl.selector.kind=csl", "ssl.tmp.enabled=false"],
-    "csl_ema": ["ssl.selector.kind=csl", "ssl.teacher.kind=ema"],
+    "csl_covar": [*RELEASED_CSL, "ssl.selector.residual_rule=covar"],
+    "csl_alpha2": [*RELEASED_CSL, "ssl.selector.alpha=2"],
+    "csl_no_tmp": [*RELEASED_CSL, "ssl.tmp.enabled=false"],
+    "csl_ema": [*RELEASED_CSL, "ssl.teacher.kind=ema"],
     # Recipe options beyond the released code (docs/method.md), for CSL and the threshold alike; the floor only
     # changes soft weights, which the threshold has none of.
-    "csl_warmup": ["ssl.selector.kind=csl", "ssl.warmup_iterations=100"],
-    "threshold_warmup": ["ssl.selector.kind=threshold", "ssl.warmup_iterations=100"],
-    "csl_rampup": ["ssl.selector.kind=csl", "ssl.rampup_iterations=300"],
-    "threshold_rampup": ["ssl.selector.kind=threshold", "ssl.rampup_iterations=300"],
-    "csl_floor": ["ssl.selector.kind=csl", "ssl.selector.weight_floor=0.5"],
+    "csl_warmup": [*RELEASED_CSL, "ssl.warmup_iterations=100"],
+    "threshold_warmup": [*RELEASED_THRESHOLD, "ssl.warmup_iterations=100"],
+    "csl_rampup": [*RELEASED_CSL, "ssl.rampup_iterations=300"],
+    "threshold_rampup": [*RELEASED_THRESHOLD, "ssl.rampup_iterations=300"],
+    "csl_floor": [*RELEASED_CSL, "ssl.selector.weight_floor=0.5"],
 }
 CURVES = ("selected_ratio", "pseudo_acc_selected", "pseudo_acc_rejected", "mean_weight")
 
