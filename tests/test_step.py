@@ -316,7 +316,8 @@ def cutmix_rows(seed=7):
 
 
 def reference_losses(model, labeled, main, partner):
-    """L_x, L_s, L_m, L_fp recomputed from CSL_SPEC section 5 without the step's helpers (but its normalisation)."""
+    """L_x, L_s, L_m, L_fp recomputed from docs/method.md ("The step", item 6) without the step's helpers (but its
+    normalisation)."""
 
     def constant_maps(rows):
         labels, weights = zip(*(ROW_LABEL_WEIGHT[padding_of(v)] for v in rows["valid"]), strict=True)
