@@ -65,8 +65,8 @@ def test_bad_override_is_a_usage_error(capsys):
 
 @pytest.mark.slow
 def test_embedded_default_finishes_with_a_result_table(tmp_path):
-    """`python jobs/train.py` as a user runs it: 2 workers, 300 iterations, validations mid-run (a Ray Data
-    configuration once hung here at the first validation), quiet worker logs."""
+    """`python jobs/train.py` as a user runs it: 2 workers, the `tiny` preset's iterations, validations mid-run (a
+    Ray Data configuration once hung here at the first validation), quiet worker logs."""
     run = subprocess.run(
         [sys.executable, str(JOBS / "train.py")], cwd=tmp_path, capture_output=True, text=True, timeout=900
     )
@@ -75,4 +75,4 @@ def test_embedded_default_finishes_with_a_result_table(tmp_path):
     assert "val mIoU" in run.stdout and "pseudo-label accuracy selected" in run.stdout
     assert "TrainingReport" not in out  # Ray's per-report lines are silenced in the workers
     results = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/results.json")]
-    assert len(results) == 1 and results[0]["step"] == 300
+    assert len(results) == 1 and results[0]["step"] == load_config(preset="tiny").train.iterations
