@@ -22,7 +22,7 @@ stopped (runs already in it are skipped); `--from-json` re-tabulates and redraws
 
     python benchmarks/quality.py --jobs 2 --threads 1              # the study: 4 methods x 2 budgets x 3 seeds
     python benchmarks/quality.py --jobs 2 --threads 1 --budgets 3000   # a longer budget, where there is time
-    python benchmarks/quality.py --budgets 300 --methods csl --variants all   # the variants at the default budget
+    python benchmarks/quality.py --budgets 300 --methods csl --variants all   # the variants at 300 iterations
     python benchmarks/quality.py --methods csl threshold --budgets 300 --seeds 0 --set ssl.tmp.mask_ratio=0.5
     python benchmarks/quality.py --from-json benchmarks/results/study.json
 """
