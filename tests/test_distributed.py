@@ -1,6 +1,7 @@
 """Distributed correctness. On a real 2-process gloo group (no Ray): the confusion-matrix sum, the collective skip of
-a non-finite step and the BatchNorm broadcast before validation. On a real 2-worker Ray Train run: the final scores
-equal a single-process evaluation of its checkpoint, and the unlabelled stream gives each rank its own rows."""
+a non-finite step, the BatchNorm broadcast before validation and a validation that scores every rank's images once.
+On a real 2-worker Ray Train run: the final scores equal a single-process evaluation of its checkpoint, and the
+unlabelled stream gives each rank its own rows."""
 
 import datetime
 import json
@@ -12,11 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_loop import tiny_cfg, val_batches
+from test_loop import tiny_cfg
 from test_step import synthetic_batch
 from test_train import small_dataset, tiny
 from torch import nn
 
+from csl_ray.evaluate import eval_options, evaluate
 from csl_ray.loop import TrainLoop
 from csl_ray.metrics import ConfusionMatrix
 from csl_ray.offline_eval import evaluate_checkpoint
@@ -36,6 +38,11 @@ def local_pairs(rank):
     return torch.randint(0, 3, (40,), generator=g), target
 
 
+def val_shard(rank):
+    """Each rank's own validation images: different on the two ranks, as the run's validation split gives them."""
+    return [synthetic_batch(seed=200 + 10 * rank + i, batch=1)[0] for i in range(2)]
+
+
 def rank_worker(rank, rendezvous, results):
     dist.init_process_group(
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT
@@ -48,21 +55,26 @@ def rank_worker(rank, rendezvous, results):
         loop = TrainLoop(tiny_cfg("ssl.enabled=false"), "cpu", rank=rank, world_size=WORLD_SIZE)
         loop.wrap_ddp()
         first_conv = next(m for m in loop.student.modules() if isinstance(m, nn.Conv2d))
-        if rank == 1:  # only rank 1 sees a non-finite loss; rank 0's is finite
-            first_conv.register_forward_hook(lambda module, inputs, output: output * math.nan)
+        poison = first_conv.register_forward_hook(lambda module, inputs, output: output * math.nan)
+        if rank == 0:  # only rank 1 sees a non-finite loss; rank 0's is finite
+            poison.remove()
         before = {k: v.clone() for k, v in loop.student.state_dict().items()}
         skipped = loop.train_step(synthetic_batch(seed=rank)[0])["skipped"]
+        poison.remove()  # validation below runs on finite outputs on both ranks
         unchanged = all(torch.equal(v, before[k]) for k, v in loop.student.state_dict().items())
 
         batch_norm = next(m for m in loop.student.modules() if isinstance(m, nn.BatchNorm2d))
         batch_norm.running_mean.fill_(float(rank))  # the ranks' statistics differ before validation
-        loop.validate(val_batches(1))
+        scores = loop.validate(val_shard(rank))
         torch.save(
             {
                 "confusion": matrix.mat,
                 "skipped": skipped,
                 "unchanged": unchanged,
                 "running_mean": batch_norm.running_mean.clone(),
+                "val_miou": scores["miou"],
+                "val_iou": torch.tensor(scores["iou_per_class"]),
+                "student": loop.student.state_dict(),  # after validation: rank 0's BatchNorm statistics on both
             },
             f"{results}/rank{rank}.pt",
         )
@@ -88,6 +100,19 @@ def test_confusion_matrix_all_reduce_sums_the_ranks(ranks):
 
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ranks):
     assert [(r["skipped"], r["unchanged"]) for r in ranks] == [(1.0, True), (1.0, True)]
+
+
+def test_validation_scores_the_images_of_every_rank_once(ranks):
+    """Each rank validates its own shard; both get the score of the whole set, as one process finds it."""
+    cfg = tiny_cfg("ssl.enabled=false")
+    model = TrainLoop(cfg, "cpu").student
+    model.load_state_dict(ranks[0]["student"])
+    whole = evaluate(model, val_shard(0) + val_shard(1), **eval_options(cfg.data))
+    # Guards the test: were the shards to score alike, a rank scoring only its own would pass unnoticed.
+    assert evaluate(model, val_shard(0), **eval_options(cfg.data))["miou"] != pytest.approx(whole["miou"], abs=1e-3)
+    for result in ranks:
+        assert result["val_miou"] == pytest.approx(whole["miou"], abs=1e-6)
+        torch.testing.assert_close(result["val_iou"], torch.tensor(whole["iou_per_class"]), equal_nan=True)
 
 
 def test_validation_starts_from_rank_zeros_batch_norm_statistics(ranks):
