@@ -55,12 +55,12 @@ def rank_worker(rank, rendezvous, results):
         loop = TrainLoop(tiny_cfg("ssl.enabled=false"), "cpu", rank=rank, world_size=WORLD_SIZE)
         loop.wrap_ddp()
         first_conv = next(m for m in loop.student.modules() if isinstance(m, nn.Conv2d))
-        poison = first_conv.register_forward_hook(lambda module, inputs, output: output * math.nan)
-        if rank == 0:  # only rank 1 sees a non-finite loss; rank 0's is finite
-            poison.remove()
+        # Only rank 1 sees a non-finite loss (rank 0's is finite), and only in this step: validation below is finite.
+        poison = [first_conv.register_forward_hook(lambda module, inputs, output: output * math.nan)] if rank else []
         before = {k: v.clone() for k, v in loop.student.state_dict().items()}
         skipped = loop.train_step(synthetic_batch(seed=rank)[0])["skipped"]
-        poison.remove()  # validation below runs on finite outputs on both ranks
+        for hook in poison:
+            hook.remove()
         unchanged = all(torch.equal(v, before[k]) for k, v in loop.student.state_dict().items())
 
         batch_norm = next(m for m in loop.student.modules() if isinstance(m, nn.BatchNorm2d))
