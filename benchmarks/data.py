@@ -97,7 +97,8 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[tuple
     """The pipelines side by side, `args.repeats` rounds, each round timing every pipeline once, back to back.
 
     Returns (dataset, pipeline, rows, first batch s, median rows/s, median ratio of its round's rate to the
-    DataLoader's in the same round). Pairing by round keeps a shared machine's drifting load out of the ratio.
+    DataLoader's in the same round, every round's ratio). Pairing by round keeps a shared machine's drifting load out
+    of the ratio; the rounds' spread shows what is left of it.
     """
     import ray
 
@@ -126,6 +127,7 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[tuple
     rows = []
     for label in pipelines:
         results = [r[label] for r in rounds]
+        ratios = [r[label][2] / r[baseline][2] for r in rounds]
         rows.append(
             (
                 name,
@@ -133,7 +135,8 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[tuple
                 results[0][0],
                 statistics.median(r[1] for r in results),
                 statistics.median(r[2] for r in results),
-                statistics.median(r[label][2] / r[baseline][2] for r in rounds),
+                statistics.median(ratios),
+                ratios,
             )
         )
     return rows
@@ -151,7 +154,10 @@ def main() -> None:
     )
     parser.add_argument("--jpeg-images", type=int, default=96, help="generated 500x375 JPEGs (crop 321)")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="rounds; each times every pipeline once, and the medians are reported"
+        "--repeats",
+        type=int,
+        default=5,
+        help="rounds; each times every pipeline once; the table gives medians and the spread of the paired ratio",
     )
     parser.add_argument("--cache", default=None, help="where to put the datasets (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
@@ -178,14 +184,15 @@ def main() -> None:
     print(
         f"\nmachine: {machine}, {load}; torch {torch.__version__}, ray {ray.__version__}; reservation {reservation}\n"
     )
-    print("| dataset | pipeline | rows per pass | first batch (s) | rows/s | ratio vs DataLoader |")
-    print("|---|---|---|---|---|---|")
+    print("| dataset | pipeline | rows per pass | first batch (s) | rows/s | ratio vs DataLoader | rounds' ratios |")
+    print("|---|---|---|---|---|---|---|")
     table = []
-    for name, label, count, first, rate, ratio in rows:
-        print(f"| {name} | {label} | {count} | {first:.1f} | {rate:.0f} | {ratio:.2f} |")
+    for name, label, count, first, rate, ratio, ratios in rows:
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(f"| {name} | {label} | {count} | {first:.1f} | {rate:.0f} | {ratio:.2f} | {spread} |")
         table.append(
             {"dataset": name, "pipeline": label, "rows": count, "first_batch_s": first, "rows_per_s": rate,
-             "ratio_vs_dataloader": ratio}
+             "ratio_vs_dataloader": ratio, "round_ratios": ratios}
         )  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

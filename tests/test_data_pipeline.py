@@ -24,7 +24,16 @@ from csl_ray.data.ray_datasets import (
 )
 from csl_ray.data.reader import iter_local
 from csl_ray.data.shards import Record, encode_mask, read_split, write_dataset
-from csl_ray.data.streams import labeled_subset, plan_streams
+from csl_ray.data.streams import (
+    MAX_BLOCKS,
+    MIN_BLOCK_PIXELS,
+    MIN_BLOCKS_PER_CPU,
+    RowGroup,
+    Stream,
+    block_count,
+    labeled_subset,
+    plan_streams,
+)
 from csl_ray.data.views import TORCH_DTYPES, CorruptRowError, decode_row, partner_views, row_generator, view_params
 
 CROP = 16
@@ -188,6 +197,35 @@ def test_corrupt_rows_are_skipped_and_counted_or_fail_in_strict_mode(tmp_path):
 # ------------------------------------------------------------------------------------------------- with Ray
 
 
+def fake_stream(groups: int, rows_per_group: int, epochs: int) -> Stream:
+    """A stream of `groups` row groups (never read: block planning only counts them)."""
+    rows = tuple(range(rows_per_group))
+    row_groups = tuple(RowGroup("s", g, 0, 0, rows) for g in range(groups))
+    return Stream("unused", "unlabeled", row_groups, 0, num_epochs=epochs)
+
+
+@pytest.mark.parametrize("crop", [64, 321])
+@pytest.mark.parametrize("cpus", [1, 2, 6])
+def test_long_streams_get_large_blocks_in_whole_rounds_of_cpus(crop, cpus):
+    for groups, epochs in [(8, 22), (40, 500), (300, 2000)]:
+        stream = fake_stream(groups, 32, epochs)
+        blocks = block_count(stream, crop, cpus)
+        items_per_block = stream.num_items // blocks  # range() cuts blocks within one item of each other
+        assert 1 <= blocks <= min(MAX_BLOCKS, stream.num_items)
+        assert blocks <= cpus or blocks % cpus == 0, (groups, epochs, blocks)
+        if blocks > MIN_BLOCKS_PER_CPU * cpus and blocks < MAX_BLOCKS:
+            assert items_per_block * 32 * crop**2 >= MIN_BLOCK_PIXELS
+    # Larger crops cost more per row: the same stream is cut into more (smaller) blocks.
+    stream = fake_stream(40, 32, 500)
+    assert block_count(stream, 321, cpus) > block_count(stream, 64, cpus)
+
+
+def test_short_streams_still_give_every_cpu_blocks():
+    assert block_count(fake_stream(8, 32, 2), 64, cpus=4) == MIN_BLOCKS_PER_CPU * 4
+    assert block_count(fake_stream(3, 1, 1), 64, cpus=4) == 3  # never more blocks than items
+    assert block_count(fake_stream(1, 1, 1), 64, cpus=8) == 1
+
+
 def test_ray_datasets_match_local_rows_and_schema(ray_session, root):
     cfg = config(root)
     datasets = build_datasets(cfg)
@@ -202,6 +240,9 @@ def test_ray_datasets_match_local_rows_and_schema(ray_session, root):
         k: ((2, *SHAPES["labeled"][k]), TORCH_DTYPES["labeled"][k]) for k in SHAPES["labeled"]
     }
     assert [int(b["index"]) for b in val_batches(datasets["val"])] == [0, 1, 2]
+    # Boolean maps cross from the decode tasks as uint8 and reach the batch as bool again.
+    batch = next(unlabeled_batches(build_datasets(cfg)["unlabeled"], cfg))
+    assert {k: v.dtype for k, v in batch.items()} == TORCH_DTYPES["unlabeled"]
 
 
 def test_streaming_split_covers_every_unlabelled_row_once_per_epoch(ray_session, root):

@@ -27,7 +27,6 @@ In a Ray Train run (csl_ray/train.py):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -40,17 +39,9 @@ from csl_ray.config import Config, per_worker_batch_size
 from csl_ray.data.corrupt_log import CorruptRowLog
 from csl_ray.data.reader import YIELD_BYTES, StreamReader
 from csl_ray.data.shards import SPLITS
-from csl_ray.data.streams import Stream, dataset_root, plan_streams
+from csl_ray.data.streams import Stream, block_count, dataset_root, plan_streams
 from csl_ray.data.views import TORCH_DTYPES, ViewParams, view_params
 
-MAX_BLOCKS = 1000
-"""Blocks (tasks) per stream. Ray Data plans every block of a read up front: ~50k blocks took minutes before the
-first batch here, ~1k take a second or two; a long run's items are grouped into this many runs of neighbours."""
-MIN_BLOCK_ROWS = 256
-"""Rows per block (task) at least: tasks over a few small crops spend much of their time on Ray's per-task cost
-(with one 32-row group per task the built-in dataset ran at 0.65x a DataLoader, an actor pool at 1.0x)."""
-MIN_BLOCKS_PER_CPU = 2
-"""...unless that leaves fewer than this many blocks per cluster CPU (short streams: tests, benchmarks, evaluation)."""
 DECODE_CPUS = 1.0
 """Logical CPUs each decode task or actor reserves. Tasks must match the range read's default of 1 to be fused
 with it; on a small machine give Ray more logical CPUs than cores rather than less per task."""
@@ -72,12 +63,8 @@ def ray_dataset(
     # Each block is a run of consecutive work items: one task per block, streaming its rows out as it goes, so the
     # tasks in flight work on neighbouring items (the stream stays close to epoch order). batch_size=None hands the
     # whole block to the map, which keeps the range read fused into it.
-    rows_per_item = max(1, stream.rows_per_epoch // len(stream.groups))
-    # A short stream still gets a few blocks per CPU, or its few large blocks would leave CPUs idle.
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1) if ray.is_initialized() else 1
-    min_rows = min(math.ceil(MIN_BLOCK_ROWS / rows_per_item), math.ceil(stream.num_items / (MIN_BLOCKS_PER_CPU * cpus)))
-    per_block = max(math.ceil(stream.num_items / MAX_BLOCKS), min_rows)
-    items = ray.data.range(stream.num_items, override_num_blocks=math.ceil(stream.num_items / per_block))
+    items = ray.data.range(stream.num_items, override_num_blocks=block_count(stream, params.crop_size, cpus))
     if decode_workers > 0:
         dataset = items.map_batches(
             StreamReader,

@@ -65,6 +65,42 @@ class Stream:
         return epoch, group, rows.tolist()
 
 
+MAX_BLOCKS = 1000
+"""Blocks (tasks) per stream at most. Ray Data plans every block of a read up front: ~50k blocks took minutes before
+the first batch here, ~1k take a second or two; a long run's items are grouped into this many runs of neighbours."""
+MIN_BLOCK_PIXELS = 8192 * 64 * 64
+"""Output crop pixels per block (task) at least: 8192 rows at crop 64, 326 at crop 321 (about 15 s of one core
+here either way, the work per row growing with the crop). Ray Data starts a stream's next task only after one ends
+and its scheduling loop notices (about 0.2 s on this 2-core VM), so blocks of a fraction of a second leave the CPUs
+idle a third of the time (`benchmarks/README.md`, "Data pipeline")."""
+MIN_BLOCKS_PER_CPU = 2
+"""...unless that leaves fewer than this many blocks per cluster CPU (short streams: tests, benchmarks, evaluation)."""
+
+
+def block_count(stream: Stream, crop_size: int, cpus: int) -> int:
+    """How many blocks (Ray Data tasks, runs of neighbouring work items) to cut a stream into.
+
+    Each block holds at least MIN_BLOCK_PIXELS of crops, a short stream still gets MIN_BLOCKS_PER_CPU blocks per CPU,
+    and a stream of more blocks than CPUs gets a whole number of rounds (a multiple of `cpus`): blocks of equal size
+    then finish together, where one block left over would run alone on one CPU at the end of the stream.
+
+    Args:
+        stream: the stream (its items and rows per item).
+        crop_size: side of the output crops.
+        cpus: CPUs of the cluster that runs the stream.
+
+    Returns:
+        Between 1 and min(num_items, MAX_BLOCKS).
+    """
+    rows_per_item = max(1, stream.rows_per_epoch // len(stream.groups))
+    min_items = math.ceil(MIN_BLOCK_PIXELS / (rows_per_item * crop_size**2))
+    blocks = max(stream.num_items // min_items, min(stream.num_items, MIN_BLOCKS_PER_CPU * cpus))
+    blocks = min(blocks, MAX_BLOCKS, stream.num_items)
+    if blocks > cpus:
+        blocks -= blocks % cpus
+    return max(blocks, 1)
+
+
 def row_groups(root: str, split: str, subset: set[int] | None = None) -> tuple[RowGroup, ...]:
     """The row groups of a split in manifest order (only those with rows in `subset` of split-wide indices)."""
     groups = []
