@@ -8,8 +8,9 @@ preset) and generated VOC-sized JPEGs (500x375, crop 321 as in the `pascal` pres
 map-style dataset over the same encoded rows held in memory with `num_workers = --cpus`. Rows/s is over a whole pass
 (Ray's worker processes are warmed up first, as a training run pays their start once); the time to the first batch is
 reported separately. The pipelines run side by side in `--repeats` rounds (each round times each pipeline once, back to
-back); the table gives medians, and the ratio is the median over rounds of a pipeline's rate over the DataLoader's in
-the same round, so a shared machine's drifting load moves both sides of each ratio alike.
+back, which one first alternating); the table gives medians, and the ratio is the median over rounds of a pipeline's
+rate over the DataLoader's in the same round, so a shared machine's drifting load moves both sides of each ratio
+alike; the rounds' spread says how far it did not.
 
     python benchmarks/data.py                 # 2 CPUs, prints a markdown table
     python benchmarks/data.py --cpus 8 --epochs 4
@@ -94,7 +95,8 @@ def timed(batches: Iterable[dict]) -> tuple[int, float, float]:
 
 
 def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[tuple]:
-    """The pipelines side by side, `args.repeats` rounds, each round timing every pipeline once, back to back.
+    """The pipelines side by side, `args.repeats` rounds, each round timing every pipeline once, back to back (in
+    alternating order).
 
     Returns (dataset, pipeline, rows, first batch s, median rows/s, median ratio of its round's rate to the
     DataLoader's in the same round, every round's ratio). Pairing by round keeps a shared machine's drifting load out
@@ -122,7 +124,12 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[tuple
     # One untimed Ray pass first: it starts Ray's worker processes (each imports torch, seconds here), which a
     # training run pays once. Ray stays up, idle, while the DataLoader runs.
     ray_pass()
-    rounds = [{label: measure() for label, measure in pipelines.items()} for _ in range(args.repeats)]
+    rounds = []
+    for round_number in range(args.repeats):
+        # Alternate which pipeline goes first, so a pass that runs better (or worse) after the other's does not
+        # favour one side of every ratio.
+        order = list(pipelines) if round_number % 2 == 0 else list(reversed(pipelines))
+        rounds.append({label: pipelines[label]() for label in order})
     ray.shutdown()
     rows = []
     for label in pipelines:
