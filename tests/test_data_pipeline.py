@@ -22,7 +22,7 @@ from csl_ray.data.ray_datasets import (
     unlabeled_batches,
     val_batches,
 )
-from csl_ray.data.reader import iter_local
+from csl_ray.data.reader import MIN_BLOCK_ROWS, YIELD_BYTES, block_bytes, iter_local
 from csl_ray.data.shards import Record, encode_mask, read_split, write_dataset
 from csl_ray.data.streams import (
     MAX_BLOCKS,
@@ -218,6 +218,14 @@ def test_long_streams_get_large_blocks_in_whole_rounds_of_cpus(crop, cpus):
     # Larger crops cost more per row: the same stream is cut into more (smaller) blocks.
     stream = fake_stream(40, 32, 500)
     assert block_count(stream, 321, cpus) > block_count(stream, 64, cpus)
+
+
+def test_blocks_hold_a_few_megabytes_but_never_fewer_than_min_block_rows():
+    rows, size = block_bytes("unlabeled", 64)
+    assert rows > MIN_BLOCK_ROWS and YIELD_BYTES - 64 * 64 * 20 < size <= YIELD_BYTES  # small crops: ~YIELD_BYTES
+    rows, size = block_bytes("unlabeled", 321)
+    assert rows == MIN_BLOCK_ROWS and size == MIN_BLOCK_ROWS * 321 * 321 * 20 > YIELD_BYTES  # large crops: the minimum
+    assert block_bytes("val", 321)[0] == 1  # full-size validation images one at a time
 
 
 def test_short_streams_still_give_every_cpu_blocks():

@@ -37,7 +37,7 @@ from ray.train import DataConfig
 
 from csl_ray.config import Config, per_worker_batch_size
 from csl_ray.data.corrupt_log import CorruptRowLog
-from csl_ray.data.reader import YIELD_BYTES, StreamReader
+from csl_ray.data.reader import StreamReader, block_bytes
 from csl_ray.data.shards import SPLITS
 from csl_ray.data.streams import Stream, block_count, dataset_root, plan_streams
 from csl_ray.data.views import TORCH_DTYPES, ViewParams, view_params
@@ -77,7 +77,7 @@ def ray_dataset(
         dataset = items.map_batches(StreamReader(stream, params, strict, report), batch_size=None, num_cpus=DECODE_CPUS)
     # Ray Data buffers a task's output up to this size before it becomes a block the consumer can see: at the
     # default 128 MB a task over small crops would deliver nothing until it finished.
-    dataset.context.target_max_block_size = YIELD_BYTES
+    dataset.context.target_max_block_size = block_bytes(stream.split, params.crop_size)[1]
     return dataset
 
 

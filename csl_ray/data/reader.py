@@ -23,12 +23,27 @@ from csl_ray.data.views import TORCH_DTYPES, ViewParams, stack_rows, transform_r
 log = logging.getLogger(__name__)
 
 _COLUMNS = ["id", "image", "mask"]
-YIELD_BYTES = 16 << 20
-"""Rows are yielded, and become Ray Data blocks, in chunks of about this many bytes: small enough that the consumer
-sees rows soon after a task starts (about 200 unlabelled rows at crop 64, 8 at crop 321: under a second of one
-core), large enough that Ray Data's cost per block (its scheduling loop, object references, the consumer's
-re-batching) stays small; at 4 MB, two rows per block at crop 321, that cost held the 321-px JPEG benchmark well
-below the DataLoader."""
+YIELD_BYTES = 4 << 20
+"""Rows are yielded, and become Ray Data blocks, in chunks of about this many bytes (but at least MIN_BLOCK_ROWS rows):
+small, so the consumer sees rows soon after a task starts (about 50 unlabelled rows at crop 64)."""
+MIN_BLOCK_ROWS = 8
+"""Output rows per block at least: Ray Data pays a cost per block (its scheduling loop, object references, the
+consumer's re-batching), and at 4 MB a 321-px unlabelled block held two rows, which held the 321-px JPEG benchmark
+well below the DataLoader. 8 rows there make 16 MB blocks."""
+
+
+def block_bytes(split: str, crop_size: int) -> tuple[int, int]:
+    """(output rows per chunk, bytes per chunk) of a split's stream: YIELD_BYTES of rows, at least MIN_BLOCK_ROWS.
+
+    An output row's bytes: uint8 images, masks and maps; an unlabelled row is a main crop (3 views, 4 maps) with its
+    partner's 2 views and 1 map. Validation rows (full-size images) go one at a time.
+    """
+    if split == "val":
+        return 1, YIELD_BYTES
+    row_bytes = crop_size**2 * (4 if split == "labeled" else 5 * 3 + 5)
+    rows = max(MIN_BLOCK_ROWS, YIELD_BYTES // row_bytes)
+    return rows, rows * row_bytes
+
 
 SkipReport = Callable[[dict[str, str]], None]
 """Called with the rows a reader skipped as corrupt: {"shard row N": "shard row N (id ...): corrupt: error"}."""
@@ -44,14 +59,9 @@ class StreamReader:
         self.report = report
         self.skipped: dict[str, str] = {}
         self._files: dict[str, pq.ParquetFile] = {}
-        # Rows read per chunk: an output row's bytes (uint8 images and masks, bool maps) into YIELD_BYTES; unlabelled
-        # rows go in pairs (a main crop: 3 views, 4 maps; its partner: 2 views, 1 map), so an even number.
-        if stream.split == "val":
-            self._chunk = 1
-        elif stream.split == "labeled":
-            self._chunk = max(1, YIELD_BYTES // (params.crop_size**2 * 4))
-        else:
-            self._chunk = 2 * max(1, YIELD_BYTES // (params.crop_size**2 * (5 * 3 + 5)))
+        rows, _ = block_bytes(stream.split, params.crop_size)
+        # Stream rows read per chunk: unlabelled output rows take two (a main crop and its partner).
+        self._chunk = 2 * rows if stream.split == "unlabeled" else rows
 
     def _group(self, group: RowGroup) -> pa.Table:
         if group.shard not in self._files:
