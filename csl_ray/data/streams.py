@@ -69,10 +69,10 @@ MAX_BLOCKS = 1000
 """Blocks (tasks) per stream at most. Ray Data plans every block of a read up front: ~50k blocks took minutes before
 the first batch here, ~1k take a second or two; a long run's items are grouped into this many runs of neighbours."""
 MIN_BLOCK_PIXELS = 8192 * 64 * 64
-"""Output crop pixels per block (task) at least: 8192 rows at crop 64, 326 at crop 321 (about 15 s of one core
-here either way, the work per row growing with the crop). Ray Data starts a stream's next task only after one ends
-and its scheduling loop notices (about 0.2 s on this 2-core VM), so blocks of a fraction of a second leave the CPUs
-idle a third of the time (`benchmarks/README.md`, "Data pipeline")."""
+"""Output crop pixels per block (task) at least: 8192 rows at crop 64, 326 at crop 321 (the work per row grows with
+the crop). Ray Data starts a stream's next task only after one ends and its scheduling loop notices (it waits up to
+0.1 s for its tasks, `WAIT_FOR_TASK_COMPLETION_TIMEOUT_S`, then leases a worker), so tasks of a fraction of a second
+leave the CPUs idle between them (`benchmarks/README.md`, "Data pipeline")."""
 MIN_BLOCKS_PER_CPU = 2
 """...unless that leaves fewer than this many blocks per cluster CPU (short streams: tests, benchmarks, evaluation)."""
 
