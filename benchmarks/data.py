@@ -7,10 +7,12 @@ preset) and generated VOC-sized JPEGs (500x375, crop 321 as in the `pascal` pres
 `csl_ray.data.ray_datasets.ray_dataset` with decode tasks (the default, `data.decode_workers=0`); the DataLoader runs a
 map-style dataset over the same encoded rows held in memory with `num_workers = --cpus`. Rows/s is over a whole pass
 (Ray's worker processes are warmed up first, as a training run pays their start once); the time to the first batch is
-reported separately. The pipelines run side by side in `--repeats` rounds (each round times each pipeline once, back to
-back, which one first alternating); the table gives medians, and the ratio is the median over rounds of a pipeline's
-rate over the DataLoader's in the same round, so a shared machine's drifting load moves both sides of each ratio
-alike; the rounds' spread says how far it did not.
+reported separately, and so is where the CPUs went during a pass (Linux, from /proc): the pipeline's workers (Ray's
+worker processes, or the DataLoader's), the consuming process (this one, which also runs Ray Data's executor), Ray's
+own services (raylet, GCS, agents; up during both pipelines' passes) and what nobody used. The pipelines run side by
+side in `--repeats` rounds (each round times each pipeline once, back to back, which one first alternating); the table
+gives medians, and the ratio is the median over rounds of a pipeline's rate over the DataLoader's in the same round,
+so a shared machine's drifting load moves both sides of each ratio alike; the rounds' spread says how far it did not.
 
     python benchmarks/data.py                 # 2 CPUs, prints a markdown table
     python benchmarks/data.py --cpus 8 --epochs 4
@@ -41,6 +43,45 @@ from csl_ray.data.streams import Stream, row_groups
 from csl_ray.data.views import TORCH_DTYPES, decode_row, partner_views, row_generator, unlabeled_views, view_params
 
 BATCH = 16
+CORE_SHARES = ("workers", "consumer", "Ray services", "unused")
+
+
+def cpu_seconds() -> dict[str, float] | None:
+    """CPU seconds spent so far by the pipelines' workers, this process and Ray's services (None without /proc).
+
+    Workers: Ray's worker processes (`ray::...`) and this process's finished children (the DataLoader's workers, which
+    exit and are reaped at the end of each pass). Services: the other processes of the Ray installation.
+    """
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    spent = dict.fromkeys(("workers", "consumer", "Ray services"), 0.0)
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended between the listing and the read
+            continue
+        own, children = (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+        if int(entry.name) == os.getpid():
+            spent["consumer"] += own
+            spent["workers"] += children
+        elif command.startswith("ray::"):
+            spent["workers"] += own
+        elif "/ray/" in command:
+            spent["Ray services"] += own
+    return spent
+
+
+def cores_used(before: dict[str, float] | None, after: dict[str, float] | None, seconds: float, cpus: int) -> dict:
+    """Cores each of CORE_SHARES used on average between two `cpu_seconds` readings ({} without them)."""
+    if before is None or after is None:
+        return {}
+    cores = {share: (after[share] - before[share]) / seconds for share in after}
+    return {**cores, "unused": cpus - sum(cores.values())}
 
 
 def make_jpeg_dataset(out: Path, count: int) -> Path:
@@ -84,23 +125,26 @@ class RowDataset(torch.utils.data.Dataset):
         return {**views, **ids}
 
 
-def timed(batches: Iterable[dict]) -> tuple[int, float, float]:
-    """Consumes batches: (rows, seconds to the first batch, rows/s over the whole pass)."""
+def timed(batches: Iterable[dict], cpus: int) -> tuple[int, float, float, dict[str, float]]:
+    """Consumes batches: (rows, seconds to the first batch, rows/s over the whole pass, `cores_used` over the pass)."""
+    spent = cpu_seconds()
     start = time.perf_counter()
     rows, first = 0, None
     for batch in batches:
         rows += len(batch["index"])
         first = first if first is not None else time.perf_counter() - start
-    return rows, first, rows / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return rows, first, rows / seconds, cores_used(spent, cpu_seconds(), seconds, cpus)
 
 
-def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[tuple]:
+def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[dict]:
     """The pipelines side by side, `args.repeats` rounds, each round timing every pipeline once, back to back (in
     alternating order).
 
-    Returns (dataset, pipeline, rows, first batch s, median rows/s, median ratio of its round's rate to the
-    DataLoader's in the same round, every round's ratio). Pairing by round keeps a shared machine's drifting load out
-    of the ratio; the rounds' spread shows what is left of it.
+    Returns one result per pipeline: rows per pass, medians over the rounds of the time to the first batch, the rate,
+    the ratio of its round's rate to the DataLoader's in the same round and the cores per share (`CORE_SHARES`), and
+    every round's ratio. Pairing by round keeps a shared machine's drifting load out of the ratio; the rounds' spread
+    shows what is left of it.
     """
     import ray
 
@@ -111,13 +155,13 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[tuple
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().op_resource_reservation_enabled = not args.no_reservation
 
-    def ray_pass() -> tuple[int, float, float]:
+    def ray_pass() -> tuple[int, float, float, dict[str, float]]:
         dataset = ray_dataset(stream, params, strict=False, decode_workers=0)
-        return timed(dataset.iter_torch_batches(batch_size=BATCH, dtypes=TORCH_DTYPES["unlabeled"]))
+        return timed(dataset.iter_torch_batches(batch_size=BATCH, dtypes=TORCH_DTYPES["unlabeled"]), args.cpus)
 
-    def loader_pass() -> tuple[int, float, float]:
+    def loader_pass() -> tuple[int, float, float, dict[str, float]]:
         dataset = RowDataset(root, params, args.epochs)
-        return timed(torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=args.cpus))
+        return timed(torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=args.cpus), args.cpus)
 
     baseline = f"DataLoader, {args.cpus} workers"
     pipelines = {"Ray Data, tasks": ray_pass, baseline: loader_pass}
@@ -131,22 +175,18 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace) -> list[tuple
         order = list(pipelines) if round_number % 2 == 0 else list(reversed(pipelines))
         rounds.append({label: pipelines[label]() for label in order})
     ray.shutdown()
-    rows = []
+    results = []
     for label in pipelines:
-        results = [r[label] for r in rounds]
+        passes = [r[label] for r in rounds]
         ratios = [r[label][2] / r[baseline][2] for r in rounds]
-        rows.append(
-            (
-                name,
-                label,
-                results[0][0],
-                statistics.median(r[1] for r in results),
-                statistics.median(r[2] for r in results),
-                statistics.median(ratios),
-                ratios,
-            )
-        )
-    return rows
+        cores = {share: statistics.median(p[3][share] for p in passes) for share in passes[0][3]}
+        results.append(
+            {"dataset": name, "pipeline": label, "rows": passes[0][0],
+             "first_batch_s": statistics.median(p[1] for p in passes),
+             "rows_per_s": statistics.median(p[2] for p in passes),
+             "ratio_vs_dataloader": statistics.median(ratios), "round_ratios": ratios, "cores": cores}
+        )  # fmt: skip
+    return results
 
 
 def main() -> None:
@@ -182,29 +222,29 @@ def main() -> None:
         cache = Path(args.cache or tmp)
         builtin = str(ensure_builtin_dataset(cache / "builtin", num_labeled=8, num_unlabeled=256, num_val=8))
         jpegs = str(make_jpeg_dataset(cache / "jpeg", args.jpeg_images))
-        rows = []
+        results = []
         for name, root, crop in (("built-in 96 px, crop 64", builtin, 64), ("JPEG 500x375, crop 321", jpegs, 321)):
-            rows.extend(run(name, root, crop, args))
+            results.extend(run(name, root, crop, args))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, {args.cpus} used"
     load = f"load average {os.getloadavg()[0]:.1f}"
     reservation = "off" if args.no_reservation else "on"
     print(
         f"\nmachine: {machine}, {load}; torch {torch.__version__}, ray {ray.__version__}; reservation {reservation}\n"
     )
-    print("| dataset | pipeline | rows per pass | first batch (s) | rows/s | ratio vs DataLoader | rounds' ratios |")
-    print("|---|---|---|---|---|---|---|")
-    table = []
-    for name, label, count, first, rate, ratio, ratios in rows:
-        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
-        print(f"| {name} | {label} | {count} | {first:.1f} | {rate:.0f} | {ratio:.2f} | {spread} |")
-        table.append(
-            {"dataset": name, "pipeline": label, "rows": count, "first_batch_s": first, "rows_per_s": rate,
-             "ratio_vs_dataloader": ratio, "round_ratios": ratios}
-        )  # fmt: skip
+    columns = ["dataset", "pipeline", "rows per pass", "first batch (s)", "rows/s", "ratio vs DataLoader"]
+    print("| " + " | ".join([*columns, "rounds' ratios", "cores: " + " / ".join(CORE_SHARES)]) + " |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        spread = f"{min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f}"
+        cores = " / ".join(f"{r['cores'][share]:.2f}" for share in CORE_SHARES) if r["cores"] else "n/a"
+        print(
+            f"| {r['dataset']} | {r['pipeline']} | {r['rows']} | {r['first_batch_s']:.1f} | {r['rows_per_s']:.0f} "
+            f"| {r['ratio_vs_dataloader']:.2f} | {spread} | {cores} |"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        results = {"machine": machine, "load": load, "reservation": reservation, "results": table}
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        summary = {"machine": machine, "load": load, "reservation": reservation, "results": results}
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
