@@ -194,9 +194,6 @@ def test_corrupt_rows_are_skipped_and_counted_or_fail_in_strict_mode(tmp_path):
         list(iter_local(config(root, "data.strict=true"), "unlabeled"))
 
 
-# ------------------------------------------------------------------------------------------------- with Ray
-
-
 def fake_stream(groups: int, rows_per_group: int, epochs: int) -> Stream:
     """A stream of `groups` row groups (never read: block planning only counts them)."""
     rows = tuple(range(rows_per_group))
@@ -234,11 +231,17 @@ def test_short_streams_still_give_every_cpu_blocks():
     assert block_count(fake_stream(1, 1, 1), 64, cpus=8) == 1
 
 
+# ------------------------------------------------------------------------------------------------- with Ray
+
+
 def test_ray_datasets_match_local_rows_and_schema(ray_session, root):
     cfg = config(root)
     datasets = build_datasets(cfg)
     assert set(datasets) == {"labeled", "unlabeled", "val"}
-    ray_rows = by_key(unlabeled_batches(datasets["unlabeled"], cfg), *SHAPES["unlabeled"])
+    ray_batches = list(unlabeled_batches(datasets["unlabeled"], cfg))
+    # Boolean maps cross from the decode tasks as uint8 and reach the batch as bool again.
+    assert all({k: v.dtype for k, v in b.items()} == TORCH_DTYPES["unlabeled"] for b in ray_batches)
+    ray_rows = by_key(ray_batches, *SHAPES["unlabeled"])
     local_rows = by_key(iter_local(cfg, "unlabeled"), *SHAPES["unlabeled"])
     # Batch sizes differ (per-worker B vs global B), so drop_last drops different tails; the rows agree.
     assert len(ray_rows) == 36 // 2 and set(local_rows) <= set(ray_rows)  # 3 epochs of 12 stream rows, in pairs
@@ -248,9 +251,6 @@ def test_ray_datasets_match_local_rows_and_schema(ray_session, root):
         k: ((2, *SHAPES["labeled"][k]), TORCH_DTYPES["labeled"][k]) for k in SHAPES["labeled"]
     }
     assert [int(b["index"]) for b in val_batches(datasets["val"])] == [0, 1, 2]
-    # Boolean maps cross from the decode tasks as uint8 and reach the batch as bool again.
-    batch = next(unlabeled_batches(build_datasets(cfg)["unlabeled"], cfg))
-    assert {k: v.dtype for k, v in batch.items()} == TORCH_DTYPES["unlabeled"]
 
 
 def test_streaming_split_covers_every_unlabelled_row_once_per_epoch(ray_session, root):
