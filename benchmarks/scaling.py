@@ -29,6 +29,7 @@ import ray
 import torch
 
 from csl_ray.config import Config, load_config
+from csl_ray.data.executor_tuning import RUNTIME_ENV
 from csl_ray.data.ray_datasets import data_cpus
 from csl_ray.data.reader import iter_local
 from csl_ray.loop import run_local
@@ -104,8 +105,10 @@ def main() -> None:
         # Logical CPUs for 2 workers plus their data pipelines, even above the physical count (see init_ray).
         # Ray runs its workers at nice 15; on a shared machine that alone would slow them against the plain loop.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        # address=local: a private Ray of exactly this size even when a cluster runs on the machine.
-        ray.init(address="local", num_cpus=int(2 * args.threads + data_cpus(two)) + 1, include_dashboard=False)
+        # address=local: a private Ray of exactly this size even when a cluster runs on the machine; its Data
+        # executor set as a training job's (init_ray).
+        cpus = int(2 * args.threads + data_cpus(two)) + 1
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=RUNTIME_ENV)
         try:
             rates["ray 1 worker"] = bench_ray(config(args, 1, out), args.warmup)
             rates["ray 2 workers"] = bench_ray(two, args.warmup)

@@ -10,7 +10,8 @@ address file outlives a cluster that died, so a bare `ray.init()` would then try
 3. Else (no file, or one whose cluster no longer answers): starts a local Ray with enough logical CPUs.
 
 Attaching prints one line on stderr naming the cluster and its resources, and warns when they are fewer than the
-job asks for (its Train workers would wait for them).
+job asks for (its Train workers would wait for them). Either way the job's processes start Ray Data's executions
+without their idle first second (`data/executor_tuning.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import ray
 
 from csl_ray.config import Config
+from csl_ray.data.executor_tuning import RUNTIME_ENV, shorten_limits_refresh
 from csl_ray.data.ray_datasets import data_cpus
 from csl_ray.preflight import is_listening
 
@@ -46,7 +48,7 @@ def recorded_cluster_address() -> str | None:
 
 def _attach(address: str | None, why: str, cfg: Config) -> None:
     """Attaches to `address` (None: the cluster in the address file, found as Ray finds it) and says so."""
-    ray.init(address=address)
+    ray.init(address=address, runtime_env=RUNTIME_ENV)
     address = address or ray.get_runtime_context().gcs_address
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -67,6 +69,7 @@ def init_ray(cfg: Config) -> bool:
     """
     if ray.is_initialized():
         return False
+    shorten_limits_refresh()
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != LOCAL:
         _attach(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS", cfg)
@@ -78,5 +81,5 @@ def init_ray(cfg: Config) -> bool:
         _attach(None, "started with `ray start`; ray.address=local starts a private one instead", cfg)
         return False
     # address="local" makes Ray start a new instance even though an address file (stale here) exists.
-    ray.init(address=LOCAL, num_cpus=max(os.cpu_count() or 1, math.ceil(job_cpus(cfg))))
+    ray.init(address=LOCAL, num_cpus=max(os.cpu_count() or 1, math.ceil(job_cpus(cfg))), runtime_env=RUNTIME_ENV)
     return True

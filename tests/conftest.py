@@ -15,14 +15,19 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with 4 logical CPUs: 2 for fractional Train workers, the rest for Ray Data."""
+    """A local Ray with 4 logical CPUs (2 for fractional Train workers, the rest for Ray Data), its Data executor set
+    as `csl_ray.ray_session.init_ray` sets a job's."""
     import ray
 
+    from csl_ray.data.executor_tuning import RUNTIME_ENV, shorten_limits_refresh
+
     if not ray.is_initialized():
+        shorten_limits_refresh()
         # address=local: never attach to a cluster `ray start` left on the machine (or another test's, see
         # test_ray_session.py), whose CPUs and state this session does not own.
         ray.init(
-            address="local", num_cpus=4, include_dashboard=False, object_store_memory=150_000_000, log_to_driver=False
-        )
+            address="local", num_cpus=4, include_dashboard=False, object_store_memory=150_000_000,
+            log_to_driver=False, runtime_env=RUNTIME_ENV,
+        )  # fmt: skip
     yield ray
     ray.shutdown()

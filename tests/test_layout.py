@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "csl_ray"
 RAY_EDGE = {
     "csl_ray.data.corrupt_log",
+    "csl_ray.data.executor_tuning",
     "csl_ray.data.ray_datasets",
     "csl_ray.monitor",
     "csl_ray.ray_session",

@@ -1,5 +1,6 @@
 """Attach or start, never crash: a job attaches to a live `ray start --head` cluster on the machine and says so; with
-the address file a dead cluster leaves behind, it starts its own local Ray.
+the address file a dead cluster leaves behind, it starts its own local Ray; either way its processes, Ray's worker
+processes included, run Ray Data's executions without their idle first second (`csl_ray/data/executor_tuning.py`).
 
 Each case runs in a subprocess with its own Ray temp dir (RAY_TMPDIR), so neither the cluster started here nor its
 address file is seen by this test session's Ray or by any other Ray on the machine; the cluster is stopped by its
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from csl_ray.data.builtin import ensure_builtin_dataset
+from csl_ray.data.executor_tuning import LIMITS_REFRESH_S
 from csl_ray.preflight import is_listening
 from csl_ray.ray_session import recorded_cluster_address
 
@@ -122,15 +124,20 @@ def test_init_ray_starts_its_own_ray_when_the_recorded_cluster_is_dead(ray_tmpdi
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(stale)
     script = (
         "import ray; from csl_ray.config import load_config; from csl_ray.ray_session import init_ray; "
+        "from csl_ray.data.executor_tuning import limits_refresh; "
         "started = init_ray(load_config(preset='tiny')); "
-        "print(started, ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'])"
+        "print(started, ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'], "
+        "limits_refresh(), ray.get(ray.remote(limits_refresh).remote()))"
     )
     run = subprocess.run(
         [sys.executable, "-c", script], env=job_env(ray_tmpdir), capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    started, address, cpus = run.stdout.split()
+    started, address, cpus, driver_refresh, worker_refresh = run.stdout.split()
     assert started == "True" and address != stale and float(cpus) >= 2  # its own Ray, sized for the job
+    # Ray Data's executions start at full speed in the job's processes, its worker processes included (a Ray that
+    # lost the setting prints None here).
+    assert float(driver_refresh) == float(worker_refresh) == LIMITS_REFRESH_S
     assert ATTACHED not in run.stderr
     assert len(sessions(ray_tmpdir)) == 1
 
