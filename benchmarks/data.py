@@ -11,7 +11,7 @@ dataset over the same encoded rows held in memory with `num_workers = --cpus`. R
 (Ray's worker processes are warmed up first, as a training run pays their start once); the time to the first batch is
 reported separately, and so is where the CPUs went during a pass (Linux, from /proc): the pipeline's workers (Ray's
 worker processes, or the DataLoader's), the consuming process (this one, which also runs Ray Data's executor), Ray's
-own services (raylet, GCS, agents; up during both pipelines' passes) and what nobody used. The pipelines run side by
+own services (raylet, GCS, agents; up during every pipeline's passes) and what nobody used. The pipelines run side by
 side in `--repeats` rounds (each round times each pipeline once, back to back, in an order rotating by round); the table
 gives medians, and the ratio is the median over rounds of a pipeline's rate over the DataLoader's in the same round,
 so a shared machine's drifting load moves both sides of each ratio alike; the rounds' spread says how far it did not.
@@ -207,8 +207,9 @@ def main() -> None:
         "--epochs",
         type=int,
         default=6,
-        help="passes over each dataset per measurement: long enough that each execution's first second (Ray Data "
-        "schedules one task at a time until its resource limits first arrive) does not dominate the rate",
+        help="passes over each dataset per measurement; each Ray pass is one execution, as a training run's "
+        "unlabelled stream is, and pays the execution's start once (22 epochs: as many rows as the embedded default's "
+        "stream)",
     )
     parser.add_argument("--jpeg-images", type=int, default=96, help="generated 500x375 JPEGs (crop 321)")
     parser.add_argument(
