@@ -10,11 +10,12 @@ own 1-s refresh, during whose first second an execution runs one task at a time.
 dataset over the same encoded rows held in memory with `num_workers = --cpus`. Rows/s is over a whole pass
 (Ray's worker processes are warmed up first, as a training run pays their start once); the time to the first batch is
 reported separately, and so is where the CPUs went during a pass (Linux, from /proc): the pipeline's workers (Ray's
-worker processes, or the DataLoader's), the consuming process (this one, which also runs Ray Data's executor), Ray's
-own services (raylet, GCS, agents; up during every pipeline's passes) and what nobody used. The pipelines run side by
-side in `--repeats` rounds (each round times each pipeline once, back to back, in an order rotating by round); the table
-gives medians, and the ratio is the median over rounds of a pipeline's rate over the DataLoader's in the same round,
-so a shared machine's drifting load moves both sides of each ratio alike; the rounds' spread says how far it did not.
+task worker processes, or the DataLoader's), the consuming process (this one, which also runs Ray Data's executor),
+Ray's own services (raylet, GCS, agents and Ray Data's own actors; up during every pipeline's passes) and what nobody
+used. The pipelines run side by side in `--repeats` rounds (each round times each pipeline once, back to back, in an
+order rotating by round); the table gives medians, and the ratio is the median over rounds of a pipeline's rate over
+the DataLoader's in the same round, so a shared machine's drifting load moves both sides of each ratio alike; the
+rounds' spread says how far it did not.
 
     python benchmarks/data.py                 # 2 CPUs, prints a markdown table
     python benchmarks/data.py --cpus 8 --epochs 4
@@ -48,13 +49,17 @@ from csl_ray.data.views import TORCH_DTYPES, decode_row, partner_views, row_gene
 
 BATCH = 16
 CORE_SHARES = ("workers", "consumer", "Ray services", "unused")
+RAY_SERVICE_ACTORS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::_")
+"""`ray::` processes that are Ray's services, not task workers: its agents and its internal actors (Ray Data's
+`_StatsActor` and `_AutoscalingCoordinatorActor`, whose names start with an underscore)."""
 
 
 def cpu_seconds() -> dict[str, float] | None:
     """CPU seconds spent so far by the pipelines' workers, this process and Ray's services (None without /proc).
 
-    Workers: Ray's worker processes (`ray::...`) and this process's finished children (the DataLoader's workers, which
-    exit and are reaped at the end of each pass). Services: the other processes of the Ray installation.
+    Workers: Ray's task worker processes (`ray::IDLE`, or named after the task they run) and this process's finished
+    children (the DataLoader's workers, which exit and are reaped at the end of each pass). Services: the other
+    processes of the Ray installation, including its agents and Ray Data's own actors (`RAY_SERVICE_ACTORS`).
     """
     proc = Path("/proc")
     if not (proc / "self" / "stat").exists():
@@ -73,7 +78,7 @@ def cpu_seconds() -> dict[str, float] | None:
         if int(entry.name) == os.getpid():
             spent["consumer"] += own
             spent["workers"] += children
-        elif command.startswith("ray::"):
+        elif command.startswith("ray::") and not command.startswith(RAY_SERVICE_ACTORS):
             spent["workers"] += own
         elif "/ray/" in command:
             spent["Ray services"] += own

@@ -29,10 +29,10 @@ import ray
 import torch
 
 from csl_ray.config import Config, load_config
-from csl_ray.data.executor_tuning import RUNTIME_ENV
 from csl_ray.data.ray_datasets import data_cpus
 from csl_ray.data.reader import iter_local
 from csl_ray.loop import run_local
+from csl_ray.ray_session import job_runtime_env
 from csl_ray.tracking import RunDir
 from csl_ray.train import fit
 
@@ -105,10 +105,10 @@ def main() -> None:
         # Logical CPUs for 2 workers plus their data pipelines, even above the physical count (see init_ray).
         # Ray runs its workers at nice 15; on a shared machine that alone would slow them against the plain loop.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        # address=local: a private Ray of exactly this size even when a cluster runs on the machine; its Data
-        # executor set as a training job's (init_ray).
+        # address=local: a private Ray of exactly this size even when a cluster runs on the machine; its processes
+        # set as a training job's (init_ray).
         cpus = int(2 * args.threads + data_cpus(two)) + 1
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=RUNTIME_ENV)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=job_runtime_env())
         try:
             rates["ray 1 worker"] = bench_ray(config(args, 1, out), args.warmup)
             rates["ray 2 workers"] = bench_ray(two, args.warmup)

@@ -10,8 +10,9 @@ address file outlives a cluster that died, so a bare `ray.init()` would then try
 3. Else (no file, or one whose cluster no longer answers): starts a local Ray with enough logical CPUs.
 
 Attaching prints one line on stderr naming the cluster and its resources, and warns when they are fewer than the
-job asks for (its Train workers would wait for them). Either way the job's processes start Ray Data's executions
-without their idle first second (`data/executor_tuning.py`).
+job asks for (its Train workers would wait for them). Either way the job's processes start with `job_runtime_env()`:
+Ray Data's executions without their idle first second (`data/executor_tuning.py`), and Ray Train's controller
+collecting the workers' reports often enough that `ray.train.report` never holds training up (`TRAIN_POLL_INTERVAL_S`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,20 @@ from csl_ray.preflight import is_listening
 
 LOCAL = "local"
 """`ray.address=local`: start a new local Ray even when a cluster runs on this machine (Ray's own keyword)."""
+
+TRAIN_POLL_ENV_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_INTERVAL_S = 0.2
+"""Seconds between Ray Train's collections of the workers' reports (Ray 2.60's default is 2). A worker holds one
+report until the controller collects it, so a second `ray.train.report` within the interval waits for it: at 2 s
+and `logging.log_every=10` a run could not go faster than 5 iterations/s. A missed collection is not a failure (a
+worker is declared dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes), so a short interval is safe."""
+
+
+def job_runtime_env() -> dict:
+    """The runtime env of every process of a job: Ray Data's limits refresh and Ray Train's report collection interval
+    (a RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set in this environment wins)."""
+    interval = os.environ.get(TRAIN_POLL_ENV_VAR, f"{TRAIN_POLL_INTERVAL_S:g}")
+    return {**RUNTIME_ENV, "env_vars": {TRAIN_POLL_ENV_VAR: interval}}
 
 
 def job_cpus(cfg: Config) -> float:
@@ -48,7 +63,7 @@ def recorded_cluster_address() -> str | None:
 
 def _attach(address: str | None, why: str, cfg: Config) -> None:
     """Attaches to `address` (None: the cluster in the address file, found as Ray finds it) and says so."""
-    ray.init(address=address, runtime_env=RUNTIME_ENV)
+    ray.init(address=address, runtime_env=job_runtime_env())
     address = address or ray.get_runtime_context().gcs_address
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -81,5 +96,5 @@ def init_ray(cfg: Config) -> bool:
         _attach(None, "started with `ray start`; ray.address=local starts a private one instead", cfg)
         return False
     # address="local" makes Ray start a new instance even though an address file (stale here) exists.
-    ray.init(address=LOCAL, num_cpus=max(os.cpu_count() or 1, math.ceil(job_cpus(cfg))), runtime_env=RUNTIME_ENV)
+    ray.init(address=LOCAL, num_cpus=max(os.cpu_count() or 1, math.ceil(job_cpus(cfg))), runtime_env=job_runtime_env())
     return True

@@ -15,11 +15,12 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with 4 logical CPUs (2 for fractional Train workers, the rest for Ray Data), its Data executor set
-    as `csl_ray.ray_session.init_ray` sets a job's."""
+    """A local Ray with 4 logical CPUs (2 for fractional Train workers, the rest for Ray Data), its processes set as
+    `csl_ray.ray_session.init_ray` sets a job's (Ray Data's limits refresh, Train's report collection)."""
     import ray
 
-    from csl_ray.data.executor_tuning import RUNTIME_ENV, shorten_limits_refresh
+    from csl_ray.data.executor_tuning import shorten_limits_refresh
+    from csl_ray.ray_session import job_runtime_env
 
     if not ray.is_initialized():
         shorten_limits_refresh()
@@ -27,7 +28,7 @@ def ray_session():
         # test_ray_session.py), whose CPUs and state this session does not own.
         ray.init(
             address="local", num_cpus=4, include_dashboard=False, object_store_memory=150_000_000,
-            log_to_driver=False, runtime_env=RUNTIME_ENV,
+            log_to_driver=False, runtime_env=job_runtime_env(),
         )  # fmt: skip
     yield ray
     ray.shutdown()

@@ -21,7 +21,7 @@ import pytest
 from csl_ray.data.builtin import ensure_builtin_dataset
 from csl_ray.data.executor_tuning import LIMITS_REFRESH_S
 from csl_ray.preflight import is_listening
-from csl_ray.ray_session import recorded_cluster_address
+from csl_ray.ray_session import TRAIN_POLL_ENV_VAR, TRAIN_POLL_INTERVAL_S, job_runtime_env, recorded_cluster_address
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 ATTACHED = "csl-ray: attached to the Ray cluster at"
@@ -42,7 +42,7 @@ def ray_tmpdir():
 
 
 def job_env(ray_tmpdir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TRAIN_POLL_ENV_VAR)}
     return {**env, "RAY_TMPDIR": str(ray_tmpdir)}
 
 
@@ -124,22 +124,34 @@ def test_init_ray_starts_its_own_ray_when_the_recorded_cluster_is_dead(ray_tmpdi
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(stale)
     script = (
         "import ray; from csl_ray.config import load_config; from csl_ray.ray_session import init_ray; "
-        "from csl_ray.data.executor_tuning import limits_refresh; "
+        "from csl_ray.data.executor_tuning import limits_refresh; import os; "
         "started = init_ray(load_config(preset='tiny')); "
+        "worker = ray.remote(lambda: (limits_refresh(), os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'))); "
         "print(started, ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'], "
-        "limits_refresh(), ray.get(ray.remote(limits_refresh).remote()))"
+        "limits_refresh(), *ray.get(worker.remote()))"
     )
     run = subprocess.run(
         [sys.executable, "-c", script], env=job_env(ray_tmpdir), capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    started, address, cpus, driver_refresh, worker_refresh = run.stdout.split()
+    started, address, cpus, driver_refresh, worker_refresh, worker_train_poll = run.stdout.split()
     assert started == "True" and address != stale and float(cpus) >= 2  # its own Ray, sized for the job
     # Ray Data's executions start at full speed in the job's processes, its worker processes included (a Ray that
     # lost the setting prints None here).
     assert float(driver_refresh) == float(worker_refresh) == LIMITS_REFRESH_S
+    # Ray Train's controller (a worker process of the job) collects reports every TRAIN_POLL_INTERVAL_S.
+    assert float(worker_train_poll) == TRAIN_POLL_INTERVAL_S
     assert ATTACHED not in run.stderr
     assert len(sessions(ray_tmpdir)) == 1
+
+
+def test_the_train_report_interval_set_in_the_environment_wins(monkeypatch):
+    monkeypatch.delenv(TRAIN_POLL_ENV_VAR, raising=False)
+    assert float(job_runtime_env()["env_vars"][TRAIN_POLL_ENV_VAR]) == TRAIN_POLL_INTERVAL_S
+    monkeypatch.setenv(TRAIN_POLL_ENV_VAR, "1.5")
+    runtime_env = job_runtime_env()
+    assert runtime_env["env_vars"][TRAIN_POLL_ENV_VAR] == "1.5"
+    assert "worker_process_setup_hook" in runtime_env  # the Data setting travels with it
 
 
 def test_the_recorded_address_is_read_where_ray_keeps_it(ray_tmpdir, monkeypatch):
