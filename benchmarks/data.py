@@ -168,7 +168,7 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace, ray_own_refre
     def ray_pass(refresh_s: float) -> tuple[int, float, float, dict[str, float]]:
         # The passes execute in this process: the setting a training job gives its worker processes is made here.
         shorten_limits_refresh(refresh_s)
-        dataset = ray_dataset(stream, params, strict=False, decode_workers=0)
+        dataset = ray_dataset(stream, params, strict=False, decode_workers=0, batch_rows=BATCH)
         return timed(dataset.iter_torch_batches(batch_size=BATCH, dtypes=TORCH_DTYPES["unlabeled"]), args.cpus)
 
     def loader_pass() -> tuple[int, float, float, dict[str, float]]:

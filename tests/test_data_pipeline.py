@@ -22,7 +22,7 @@ from csl_ray.data.ray_datasets import (
     unlabeled_batches,
     val_batches,
 )
-from csl_ray.data.reader import MIN_BLOCK_ROWS, YIELD_BYTES, block_bytes, iter_local
+from csl_ray.data.reader import MIN_BLOCK_ROWS, YIELD_BYTES, StreamReader, block_bytes, iter_local
 from csl_ray.data.shards import Record, encode_mask, read_split, write_dataset
 from csl_ray.data.streams import (
     MAX_BLOCKS,
@@ -223,6 +223,25 @@ def test_blocks_hold_a_few_megabytes_but_never_fewer_than_min_block_rows():
     rows, size = block_bytes("unlabeled", 321)
     assert rows == MIN_BLOCK_ROWS and size == MIN_BLOCK_ROWS * 321 * 321 * 20 > YIELD_BYTES  # large crops: the minimum
     assert block_bytes("val", 321)[0] == 1  # full-size validation images one at a time
+    for crop in (64, 321):
+        for batch_rows in (1, 3, 16, 40):
+            rows, size = block_bytes("unlabeled", crop, batch_rows)
+            unrounded = block_bytes("unlabeled", crop)[0]
+            assert rows % batch_rows == 0 and unrounded <= rows < unrounded + batch_rows  # whole batches, no more
+            assert size == rows * crop * crop * 20
+
+
+def test_reader_blocks_hold_whole_batches_across_work_items(root):
+    cfg = config(root, "data.crop_size=160")  # 8 rows per block before rounding to batches
+    stream = plan_streams(cfg, root, labeled_batch=3)["unlabeled"]  # 4-row groups: 2 output rows per work item
+    reader = StreamReader(stream, view_params(cfg), strict=True, batch_rows=3)
+    blocks = list(reader({"id": np.arange(stream.num_items)}))
+    sizes = [len(b["index"]) for b in blocks]
+    assert reader.block_rows == 9 and len(sizes) > 1
+    assert all(size == 9 for size in sizes[:-1]) and 0 < sizes[-1] <= 9
+    # The same rows in the same order as the work items give them one by one.
+    one_by_one = [(int(r["epoch"]), int(r["index"])) for n in range(stream.num_items) for r in reader.rows(n)]
+    assert [(int(e), int(i)) for b in blocks for e, i in zip(b["epoch"], b["index"], strict=True)] == one_by_one
 
 
 def test_short_streams_still_give_every_cpu_blocks():

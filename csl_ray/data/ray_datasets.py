@@ -48,7 +48,13 @@ with it; on a small machine give Ray more logical CPUs than cores rather than le
 
 
 def ray_dataset(
-    stream: Stream, params: ViewParams, *, strict: bool, decode_workers: int, report: CorruptRowLog | None = None
+    stream: Stream,
+    params: ViewParams,
+    *,
+    strict: bool,
+    decode_workers: int,
+    report: CorruptRowLog | None = None,
+    batch_rows: int = 1,
 ) -> ray.data.Dataset:
     """A stream as a lazy Ray Dataset: range(num_items) -> map_batches(StreamReader) on CPU.
 
@@ -59,6 +65,7 @@ def ray_dataset(
     Args:
         decode_workers: 0 = Ray tasks, as many as the CPUs allow; n > 0 = an actor pool of n.
         report: where the tasks report the rows they skip as corrupt.
+        batch_rows: rows a consumer takes per batch: each block holds whole batches (`reader.block_bytes`).
     """
     # Each block is a run of consecutive work items: one task per block, streaming its rows out as it goes, so the
     # tasks in flight work on neighbouring items (the stream stays close to epoch order). batch_size=None hands the
@@ -69,15 +76,17 @@ def ray_dataset(
         dataset = items.map_batches(
             StreamReader,
             batch_size=None,
-            fn_constructor_args=(stream, params, strict, report),
+            fn_constructor_args=(stream, params, strict, report, batch_rows),
             compute=ray.data.ActorPoolStrategy(size=decode_workers),
             num_cpus=DECODE_CPUS,
         )
     else:
-        dataset = items.map_batches(StreamReader(stream, params, strict, report), batch_size=None, num_cpus=DECODE_CPUS)
-    # Ray Data buffers a task's output up to this size before it becomes a block the consumer can see: at the
-    # default 128 MB a task over small crops would deliver nothing until it finished.
-    dataset.context.target_max_block_size = block_bytes(stream.split, params.crop_size)[1]
+        reader = StreamReader(stream, params, strict, report, batch_rows)
+        dataset = items.map_batches(reader, batch_size=None, num_cpus=DECODE_CPUS)
+    # Ray Data buffers a task's output until it exceeds this size before it becomes a block the consumer can see: at
+    # the default 128 MB a task over small crops would deliver nothing until it finished. A block's index and epoch
+    # columns put each yielded block just over the estimate, so every yield becomes one block.
+    dataset.context.target_max_block_size = block_bytes(stream.split, params.crop_size, batch_rows)[1]
     return dataset
 
 
@@ -101,7 +110,12 @@ def build_datasets(
     params = view_params(cfg)
     return {
         split: ray_dataset(
-            stream, params, strict=cfg.data.strict, decode_workers=cfg.data.decode_workers, report=corrupt
+            stream,
+            params,
+            strict=cfg.data.strict,
+            decode_workers=cfg.data.decode_workers,
+            report=corrupt,
+            batch_rows=per_worker_batch_size(cfg),
         )
         for split, stream in streams.items()
     }
