@@ -43,7 +43,7 @@ from csl_ray.config import load_config
 from csl_ray.data.builtin import draw_scene, ensure_builtin_dataset
 from csl_ray.data.executor_tuning import LIMITS_REFRESH_S, limits_refresh, shorten_limits_refresh
 from csl_ray.data.ray_datasets import ray_dataset
-from csl_ray.data.shards import Record, encode_mask, read_split, write_dataset
+from csl_ray.data.shards import ROW_GROUP_ROWS, Record, encode_mask, read_split, write_dataset
 from csl_ray.data.streams import Stream, row_groups
 from csl_ray.data.views import TORCH_DTYPES, decode_row, partner_views, row_generator, unlabeled_views, view_params
 
@@ -93,8 +93,9 @@ def cores_used(before: dict[str, float] | None, after: dict[str, float] | None, 
     return {**cores, "unused": cpus - sum(cores.values())}
 
 
-def make_jpeg_dataset(out: Path, count: int) -> Path:
-    """`count` VOC-sized (500x375) JPEG scenes with masks, as the unlabelled split of a dataset root."""
+def make_jpeg_dataset(out: Path, count: int, row_group_rows: int = ROW_GROUP_ROWS) -> Path:
+    """`count` VOC-sized (500x375) JPEG scenes with masks, as the unlabelled split of a dataset root (row groups as
+    `jobs/prepare_data.py` writes them unless told otherwise)."""
     records = []
     for i in range(count):
         image, mask = draw_scene(np.random.default_rng([7, i]), 500)
@@ -102,7 +103,11 @@ def make_jpeg_dataset(out: Path, count: int) -> Path:
         Image.fromarray(image[:375]).save(buffer, format="JPEG", quality=90)
         records.append(Record(f"img-{i:05d}", buffer.getvalue(), encode_mask(mask[:375]), 375, 500))
     write_dataset(
-        out, name="jpeg-bench", class_names=[str(c) for c in range(6)], splits={"unlabeled": records}, row_group_rows=16
+        out,
+        name="jpeg-bench",
+        class_names=[str(c) for c in range(6)],
+        splits={"unlabeled": records},
+        row_group_rows=row_group_rows,
     )
     return out
 
@@ -218,6 +223,13 @@ def main() -> None:
     )
     parser.add_argument("--jpeg-images", type=int, default=96, help="generated 500x375 JPEGs (crop 321)")
     parser.add_argument(
+        "--jpeg-row-group-rows",
+        type=int,
+        default=ROW_GROUP_ROWS,
+        help="rows per Parquet row group of the JPEG shards (a work item of the Ray pipeline; default: as "
+        "jobs/prepare_data.py writes them)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=5,
@@ -241,7 +253,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache or tmp)
         builtin = str(ensure_builtin_dataset(cache / "builtin", num_labeled=8, num_unlabeled=256, num_val=8))
-        jpegs = str(make_jpeg_dataset(cache / "jpeg", args.jpeg_images))
+        jpegs = str(make_jpeg_dataset(cache / "jpeg", args.jpeg_images, args.jpeg_row_group_rows))
         results = []
         for name, root, crop in (("built-in 96 px, crop 64", builtin, 64), ("JPEG 500x375, crop 321", jpegs, 321)):
             results.extend(run(name, root, crop, args, ray_own_refresh_s))

@@ -31,6 +31,7 @@ from csl_ray.data.streams import (
     RowGroup,
     Stream,
     block_count,
+    block_items,
     labeled_subset,
     plan_streams,
 )
@@ -207,7 +208,7 @@ def test_long_streams_get_large_blocks_in_whole_rounds_of_cpus(crop, cpus):
     for groups, epochs in [(8, 22), (40, 500), (300, 2000)]:
         stream = fake_stream(groups, 32, epochs)
         blocks = block_count(stream, crop, cpus)
-        items_per_block = stream.num_items // blocks  # range() cuts blocks within one item of each other
+        items_per_block = stream.num_items // blocks  # block_items cuts runs within one item of each other
         assert 1 <= blocks <= min(MAX_BLOCKS, stream.num_items)
         assert blocks <= cpus or blocks % cpus == 0, (groups, epochs, blocks)
         if blocks > MIN_BLOCKS_PER_CPU * cpus and blocks < MAX_BLOCKS:
@@ -235,13 +236,21 @@ def test_reader_blocks_hold_whole_batches_across_work_items(root):
     cfg = config(root, "data.crop_size=160")  # 8 rows per block before rounding to batches
     stream = plan_streams(cfg, root, labeled_batch=3)["unlabeled"]  # 4-row groups: 2 output rows per work item
     reader = StreamReader(stream, view_params(cfg), strict=True, batch_rows=3)
-    blocks = list(reader({"id": np.arange(stream.num_items)}))
+    blocks = list(reader({"id": np.arange(1)}))  # the whole stream as one run
     sizes = [len(b["index"]) for b in blocks]
     assert reader.block_rows == 9 and len(sizes) > 1
     assert all(size == 9 for size in sizes[:-1]) and 0 < sizes[-1] <= 9
     # The same rows in the same order as the work items give them one by one.
     one_by_one = [(int(r["epoch"]), int(r["index"])) for n in range(stream.num_items) for r in reader.rows(n)]
     assert [(int(e), int(i)) for b in blocks for e, i in zip(b["epoch"], b["index"], strict=True)] == one_by_one
+
+
+@pytest.mark.parametrize("num_items", [1, 7, 12, 44, 1001])
+def test_blocks_are_runs_of_neighbouring_items_of_near_equal_length(num_items):
+    for num_blocks in {1, 2, 6, min(num_items, 1000)}:
+        runs = [block_items(num_items, num_blocks, block) for block in range(num_blocks)]
+        assert [item for run in runs for item in run] == list(range(num_items))  # every item once, in order
+        assert max(map(len, runs)) - min(map(len, runs)) <= 1  # no short run left alone at the stream's end
 
 
 def test_short_streams_still_give_every_cpu_blocks():

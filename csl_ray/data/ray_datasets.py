@@ -1,12 +1,12 @@
 """The Ray Data pipeline: streams (`streams.py`) as lazy Ray Datasets, how a run hands them to Ray Train, the decode
 tuning and the batches a Train worker iterates (skipped corrupt rows go to a `corrupt_log.CorruptRowLog`).
 
-A stream runs as `ray.data.range(num_items)` (runs of neighbouring work items per block) -> `map_batches`
-(`reader.StreamReader`: read the row group, decode, augment), so one pass over the dataset is the whole run,
-augmentation is fresh every epoch (nothing is materialised), and every row's views are a pure function of (seed,
-epoch, row id), the same after a task retry. A union of per-epoch `read_parquet` datasets would say the same, but a
-labelled split of 92 images cycled for 80k iterations needs thousands of passes, and a union of thousands of read
-operators is not something Ray Data plans or schedules well.
+A stream runs as `ray.data.range(num_blocks)` (one row per block: a run of neighbouring work items,
+`streams.block_items`) -> `map_batches` (`reader.StreamReader`: read the row groups, decode, augment), so one pass
+over the dataset is the whole run, augmentation is fresh every epoch (nothing is materialised), and every row's views
+are a pure function of (seed, epoch, row id), the same after a task retry. A union of per-epoch `read_parquet`
+datasets would say the same, but a labelled split of 92 images cycled for 80k iterations needs thousands of passes,
+and a union of thousands of read operators is not something Ray Data plans or schedules well.
 
 - `labeled`: every worker reads the whole (subset of the) labelled split, repeated for the run; workers see it in
   different orders through a rank-seeded local shuffle (`labeled_batches(..., rank=)`).
@@ -56,9 +56,9 @@ def ray_dataset(
     report: CorruptRowLog | None = None,
     batch_rows: int = 1,
 ) -> ray.data.Dataset:
-    """A stream as a lazy Ray Dataset: range(num_items) -> map_batches(StreamReader) on CPU.
+    """A stream as a lazy Ray Dataset: range(num_blocks) -> map_batches(StreamReader) on CPU.
 
-    With tasks, Ray Data fuses the range read into the map (one task per work item, 1 CPU each) and reuses its
+    With tasks, Ray Data fuses the range read into the map (one task per block, 1 CPU each) and reuses its
     worker processes, so later epochs and evaluations start at once. An actor pool starts its actors with every
     execution (each evaluation, each rank's labelled stream), which costs seconds per execution on a small machine.
 
@@ -71,18 +71,19 @@ def ray_dataset(
     # tasks in flight work on neighbouring items (the stream stays close to epoch order). batch_size=None hands the
     # whole block to the map, which keeps the range read fused into it.
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1) if ray.is_initialized() else 1
-    items = ray.data.range(stream.num_items, override_num_blocks=block_count(stream, params.crop_size, cpus))
+    num_blocks = block_count(stream, params.crop_size, cpus)
+    runs = ray.data.range(num_blocks, override_num_blocks=num_blocks)  # one row per block: the run's number
     if decode_workers > 0:
-        dataset = items.map_batches(
+        dataset = runs.map_batches(
             StreamReader,
             batch_size=None,
-            fn_constructor_args=(stream, params, strict, report, batch_rows),
+            fn_constructor_args=(stream, params, strict, report, batch_rows, num_blocks),
             compute=ray.data.ActorPoolStrategy(size=decode_workers),
             num_cpus=DECODE_CPUS,
         )
     else:
-        reader = StreamReader(stream, params, strict, report, batch_rows)
-        dataset = items.map_batches(reader, batch_size=None, num_cpus=DECODE_CPUS)
+        reader = StreamReader(stream, params, strict, report, batch_rows, num_blocks)
+        dataset = runs.map_batches(reader, batch_size=None, num_cpus=DECODE_CPUS)
     # Ray Data buffers a task's output until it exceeds this size before it becomes a block the consumer can see: at
     # the default 128 MB a task over small crops would deliver nothing until it finished. A block's index and epoch
     # columns put each yielded block just over the estimate, so every yield becomes one block.

@@ -101,6 +101,13 @@ def block_count(stream: Stream, crop_size: int, cpus: int) -> int:
     return max(blocks, 1)
 
 
+def block_items(num_items: int, num_blocks: int, block: int) -> range:
+    """The work items of block `block` of a stream of `num_items` cut into `num_blocks` runs of neighbours whose
+    lengths differ by one item at most (`ray.data.range(num_items, override_num_blocks=k)` instead cuts k runs of
+    num_items // k and one more of the remainder, which then runs alone at the end of the stream)."""
+    return range(block * num_items // num_blocks, (block + 1) * num_items // num_blocks)
+
+
 def row_groups(root: str, split: str, subset: set[int] | None = None) -> tuple[RowGroup, ...]:
     """The row groups of a split in manifest order (only those with rows in `subset` of split-wide indices)."""
     groups = []
