@@ -5,17 +5,18 @@ crop resize/crop/flip, strong view, TMP view (mild + cells, or a second strong d
 partner resize/crop/flip and strong view. Two datasets: the built-in one (96-px scenes, crop 64 as in the `tiny`
 preset) and generated VOC-sized JPEGs (500x375, crop 321 as in the `pascal` preset). Ray Data runs
 `csl_ray.data.ray_datasets.ray_dataset` with decode tasks (the default, `data.decode_workers=0`) twice: as training jobs
-run it (Ray Data's executor reads its resource limits every 0.1 s, `csl_ray/data/executor_tuning.py`) and with Ray's
-own 1-s refresh, during whose first second an execution runs one task at a time. The DataLoader runs a map-style
-dataset over the same encoded rows held in memory with `num_workers = --cpus`. Rows/s is over a whole pass
-(Ray's worker processes are warmed up first, as a training run pays their start once); the time to the first batch is
-reported separately, and so is where the CPUs went during a pass (Linux, from /proc): the pipeline's workers (Ray's
-task worker processes, or the DataLoader's), the consuming process (this one, which also runs Ray Data's executor),
-Ray's own services (raylet, GCS, agents and Ray Data's own actors; up during every pipeline's passes) and what nobody
-used. The pipelines run side by side in `--repeats` rounds (each round times each pipeline once, back to back, in an
-order rotating by round); the table gives medians, and the ratio is the median over rounds of a pipeline's rate over
-the DataLoader's in the same round, so a shared machine's drifting load moves both sides of each ratio alike; the
-rounds' spread says how far it did not.
+run it (`csl_ray/data/executor_tuning.py`: Ray Data's executor reads its resource limits every 0.1 s and fetches block
+metadata on its scheduling loop) and with Ray's own settings (limits read every second, during whose first second an
+execution runs one task at a time; metadata fetched on a thread, which leaves a CPU idle between tasks). The
+DataLoader runs a map-style dataset over the same encoded rows held in memory with `num_workers = --cpus`. Rows/s is
+over a whole pass (Ray's worker processes are warmed up first, as a training run pays their start once); the time to
+the first batch is reported separately, and so is where the CPUs went during a pass (Linux, from /proc): the
+pipeline's workers (Ray's task worker processes, or the DataLoader's), the consuming process (this one, which also
+runs Ray Data's executor), Ray's own services (raylet, GCS, agents and Ray Data's own actors; up during every
+pipeline's passes) and what nobody used. The pipelines run side by side in `--repeats` rounds (each round times each
+pipeline once, back to back, in an order rotating by round); the table gives medians, and the ratio is the median
+over rounds of a pipeline's rate over the DataLoader's in the same round, so a shared machine's drifting load moves
+both sides of each ratio alike; the rounds' spread says how far it did not.
 
     python benchmarks/data.py                 # 2 CPUs, prints a markdown table
     python benchmarks/data.py --cpus 8 --epochs 4
@@ -41,7 +42,13 @@ from PIL import Image
 
 from csl_ray.config import load_config
 from csl_ray.data.builtin import draw_scene, ensure_builtin_dataset
-from csl_ray.data.executor_tuning import LIMITS_REFRESH_S, limits_refresh, shorten_limits_refresh
+from csl_ray.data.executor_tuning import (
+    fetch_metadata_on_thread,
+    limits_refresh,
+    metadata_on_thread,
+    shorten_limits_refresh,
+    tune_executor,
+)
 from csl_ray.data.ray_datasets import ray_dataset
 from csl_ray.data.shards import ROW_GROUP_ROWS, Record, encode_mask, read_split, write_dataset
 from csl_ray.data.streams import Stream, row_groups
@@ -151,10 +158,10 @@ def timed(batches: Iterable[dict], cpus: int) -> tuple[int, float, float, dict[s
     return rows, first, rows / seconds, cores_used(spent, cpu_seconds(), seconds, cpus)
 
 
-def run(name: str, root: str, crop: int, args: argparse.Namespace, ray_own_refresh_s: float | None) -> list[dict]:
+def run(name: str, root: str, crop: int, args: argparse.Namespace, ray_own: tuple[float, bool] | None) -> list[dict]:
     """The pipelines side by side, `args.repeats` rounds, each round timing every pipeline once, back to back (in an
-    order rotating by round). Ray Data runs as training jobs run it and, given `ray_own_refresh_s`, with Ray's own
-    refresh of its resource limits.
+    order rotating by round). Ray Data runs as training jobs run it and, given `ray_own` (Ray's own refresh of its
+    resource limits and metadata fetch), as Ray ships it.
 
     Returns one result per pipeline: rows per pass, medians over the rounds of the time to the first batch, the rate,
     the ratio of its round's rate to the DataLoader's in the same round and the cores per share (`CORE_SHARES`), and
@@ -170,9 +177,13 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace, ray_own_refre
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().op_resource_reservation_enabled = not args.no_reservation
 
-    def ray_pass(refresh_s: float) -> tuple[int, float, float, dict[str, float]]:
-        # The passes execute in this process: the setting a training job gives its worker processes is made here.
-        shorten_limits_refresh(refresh_s)
+    def ray_pass(settings: tuple[float, bool] | None) -> tuple[int, float, float, dict[str, float]]:
+        # The passes execute in this process: the settings a training job gives its worker processes are made here.
+        if settings is None:
+            tune_executor()
+        else:
+            shorten_limits_refresh(settings[0])
+            fetch_metadata_on_thread(settings[1])
         dataset = ray_dataset(stream, params, strict=False, decode_workers=0, batch_rows=BATCH)
         return timed(dataset.iter_torch_batches(batch_size=BATCH, dtypes=TORCH_DTYPES["unlabeled"]), args.cpus)
 
@@ -181,13 +192,13 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace, ray_own_refre
         return timed(torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=args.cpus), args.cpus)
 
     baseline = f"DataLoader, {args.cpus} workers"
-    pipelines = {"Ray Data, tasks": partial(ray_pass, LIMITS_REFRESH_S)}
-    if ray_own_refresh_s is not None:
-        pipelines[f"Ray Data, tasks, limits read every {ray_own_refresh_s:g} s"] = partial(ray_pass, ray_own_refresh_s)
+    pipelines = {"Ray Data, tasks": partial(ray_pass, None)}
+    if ray_own is not None:
+        pipelines["Ray Data, tasks, Ray's own executor settings"] = partial(ray_pass, ray_own)
     pipelines[baseline] = loader_pass
     # One untimed Ray pass first: it starts Ray's worker processes (each imports torch, seconds here), which a
     # training run pays once. Ray stays up, idle, while the DataLoader runs.
-    ray_pass(LIMITS_REFRESH_S)
+    ray_pass(None)
     rounds = []
     for round_number in range(args.repeats):
         # Rotate which pipeline goes first, so a pass that runs better (or worse) after another's does not favour
@@ -246,8 +257,9 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    # Ray's own refresh, read before anything here changes it (None: this Ray has no such setting).
-    ray_own_refresh_s = limits_refresh()
+    # Ray's own settings, read before anything here changes them (None: this Ray lacks one of them).
+    refresh_s, on_thread = limits_refresh(), metadata_on_thread()
+    ray_own = None if refresh_s is None or on_thread is None else (refresh_s, on_thread)
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,7 +268,7 @@ def main() -> None:
         jpegs = str(make_jpeg_dataset(cache / "jpeg", args.jpeg_images, args.jpeg_row_group_rows))
         results = []
         for name, root, crop in (("built-in 96 px, crop 64", builtin, 64), ("JPEG 500x375, crop 321", jpegs, 321)):
-            results.extend(run(name, root, crop, args, ray_own_refresh_s))
+            results.extend(run(name, root, crop, args, ray_own))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, {args.cpus} used"
     load = f"load average {os.getloadavg()[0]:.1f}"
     reservation = "off" if args.no_reservation else "on"

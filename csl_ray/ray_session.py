@@ -11,7 +11,8 @@ address file outlives a cluster that died, so a bare `ray.init()` would then try
 
 Attaching prints one line on stderr naming the cluster and its resources, and warns when they are fewer than the
 job asks for (its Train workers would wait for them). Either way the job's processes start with `job_runtime_env()`:
-Ray Data's executions without their idle first second (`data/executor_tuning.py`), and Ray Train's controller
+Ray Data's executions without their idle first second or idle CPUs between tasks (`data/executor_tuning.py`), and Ray
+Train's controller
 collecting the workers' reports often enough that `ray.train.report` never holds training up (`TRAIN_POLL_INTERVAL_S`).
 """
 
@@ -24,7 +25,7 @@ import sys
 import ray
 
 from csl_ray.config import Config
-from csl_ray.data.executor_tuning import RUNTIME_ENV, shorten_limits_refresh
+from csl_ray.data.executor_tuning import RUNTIME_ENV, tune_executor
 from csl_ray.data.ray_datasets import data_cpus
 from csl_ray.preflight import is_listening
 
@@ -84,7 +85,7 @@ def init_ray(cfg: Config) -> bool:
     """
     if ray.is_initialized():
         return False
-    shorten_limits_refresh()
+    tune_executor()
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != LOCAL:
         _attach(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS", cfg)

@@ -19,11 +19,11 @@ def ray_session():
     `csl_ray.ray_session.init_ray` sets a job's (Ray Data's limits refresh, Train's report collection)."""
     import ray
 
-    from csl_ray.data.executor_tuning import shorten_limits_refresh
+    from csl_ray.data.executor_tuning import tune_executor
     from csl_ray.ray_session import job_runtime_env
 
     if not ray.is_initialized():
-        shorten_limits_refresh()
+        tune_executor()
         # address=local: never attach to a cluster `ray start` left on the machine (or another test's, see
         # test_ray_session.py), whose CPUs and state this session does not own.
         ray.init(

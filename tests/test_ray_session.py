@@ -1,6 +1,7 @@
 """Attach or start, never crash: a job attaches to a live `ray start --head` cluster on the machine and says so; with
 the address file a dead cluster leaves behind, it starts its own local Ray; either way its processes, Ray's worker
-processes included, run Ray Data's executions without their idle first second (`csl_ray/data/executor_tuning.py`).
+processes included, run Ray Data's executions without their idle first second or idle CPUs between tasks
+(`csl_ray/data/executor_tuning.py`).
 
 Each case runs in a subprocess with its own Ray temp dir (RAY_TMPDIR), so neither the cluster started here nor its
 address file is seen by this test session's Ray or by any other Ray on the machine; the cluster is stopped by its
@@ -19,7 +20,13 @@ from pathlib import Path
 import pytest
 
 from csl_ray.data.builtin import ensure_builtin_dataset
-from csl_ray.data.executor_tuning import LIMITS_REFRESH_S
+from csl_ray.data.executor_tuning import (
+    LIMITS_REFRESH_S,
+    METADATA_ENV_VAR,
+    fetch_metadata_on_thread,
+    metadata_on_thread,
+    tune_executor,
+)
 from csl_ray.preflight import is_listening
 from csl_ray.ray_session import TRAIN_POLL_ENV_VAR, TRAIN_POLL_INTERVAL_S, job_runtime_env, recorded_cluster_address
 
@@ -124,25 +131,42 @@ def test_init_ray_starts_its_own_ray_when_the_recorded_cluster_is_dead(ray_tmpdi
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(stale)
     script = (
         "import ray; from csl_ray.config import load_config; from csl_ray.ray_session import init_ray; "
-        "from csl_ray.data.executor_tuning import limits_refresh; import os; "
+        "from csl_ray.data.executor_tuning import limits_refresh, metadata_on_thread; import os; "
         "started = init_ray(load_config(preset='tiny')); "
-        "worker = ray.remote(lambda: (limits_refresh(), os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'))); "
+        "worker = ray.remote(lambda: (limits_refresh(), metadata_on_thread(), "
+        "os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'))); "
         "print(started, ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'], "
-        "limits_refresh(), *ray.get(worker.remote()))"
+        "limits_refresh(), metadata_on_thread(), *ray.get(worker.remote()))"
     )
     run = subprocess.run(
         [sys.executable, "-c", script], env=job_env(ray_tmpdir), capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    started, address, cpus, driver_refresh, worker_refresh, worker_train_poll = run.stdout.split()
+    fields = run.stdout.split()
+    started, address, cpus, driver_refresh, driver_thread, worker_refresh, worker_thread, worker_train_poll = fields
     assert started == "True" and address != stale and float(cpus) >= 2  # its own Ray, sized for the job
-    # Ray Data's executions start at full speed in the job's processes, its worker processes included (a Ray that
-    # lost the setting prints None here).
+    # Ray Data's executions start at full speed and hand CPUs from task to task at once in the job's processes, its
+    # worker processes included (a Ray that lost a setting prints None here).
     assert float(driver_refresh) == float(worker_refresh) == LIMITS_REFRESH_S
+    assert driver_thread == worker_thread == "False"
     # Ray Train's controller (a worker process of the job) collects reports every TRAIN_POLL_INTERVAL_S.
     assert float(worker_train_poll) == TRAIN_POLL_INTERVAL_S
     assert ATTACHED not in run.stderr
     assert len(sessions(ray_tmpdir)) == 1
+
+
+def test_the_metadata_fetch_set_in_the_environment_wins(monkeypatch):
+    before = metadata_on_thread()
+    try:
+        monkeypatch.setenv(METADATA_ENV_VAR, "1")
+        fetch_metadata_on_thread(True)
+        tune_executor()
+        assert metadata_on_thread() is True
+        monkeypatch.delenv(METADATA_ENV_VAR)
+        tune_executor()
+        assert metadata_on_thread() is False
+    finally:
+        fetch_metadata_on_thread(before)
 
 
 def test_the_train_report_interval_set_in_the_environment_wins(monkeypatch):

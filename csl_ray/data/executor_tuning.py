@@ -1,4 +1,5 @@
-"""Ray Data's executor, as every process of a job runs it: how soon a new execution learns how many CPUs it may use.
+"""Ray Data's executor, as every process of a job runs it: how soon a new execution learns how many CPUs it may use,
+and how soon a finished task's CPU goes to the next one.
 
 Ray 2.60's streaming executor reads its resource limits (the CPUs the autoscaling coordinator grants it) at most once a
 second (`ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S`), and an execution's first reading is always empty: the
@@ -8,23 +9,37 @@ second: each stream of a run once, every validation, every pass of `benchmarks/d
 (`benchmarks/README.md`, "Data pipeline"). Reading every LIMITS_REFRESH_S instead, the first grant arrives after one or
 two scheduling rounds.
 
-`shorten_limits_refresh()` sets it in the calling process; `RUNTIME_ENV`, given to `ray.init`, makes every worker
-process of the job set it when it starts (Train workers execute the labelled streams, Ray Data's SplitCoordinator
+By default Ray 2.60 also fetches each output block's metadata on a background thread, and a task's CPU is handed back
+only once that thread has passed on the task's last block: both the thread and the scheduling loop wait up to 0.1 s
+for news, so the next task started 0.15-0.2 s after the last one ended, idling a CPU at every block boundary.
+Fetched on the scheduling loop instead (Ray's `RAY_DATA_METADATA_PREFETCH_ON_THREAD=0`, a local `ray.get` of a small
+object per block here), the next task starts within about 0.1 s. A job whose environment sets that variable keeps
+what it says.
+
+`tune_executor()` makes both settings in the calling process; `RUNTIME_ENV`, given to `ray.init`, makes every worker
+process of the job call it when it starts (Train workers execute the labelled streams, Ray Data's SplitCoordinator
 actors the unlabelled and validation streams). A job submitted with its own `worker_process_setup_hook` must call
-`shorten_limits_refresh` from it (Ray refuses two hooks). Imports nothing from csl_ray: Ray imports this module in
-every worker process of the job, its own actors included, which need neither torch nor the model.
+`tune_executor` from it (Ray refuses two hooks). Imports nothing from csl_ray: Ray imports this module in every worker
+process of the job, its own actors included, which need neither torch nor the model.
 """
 
 from __future__ import annotations
+
+import os
+from types import ModuleType
 
 LIMITS_REFRESH_S = 0.1
 """Seconds between readings of the executor's resource limits (Ray 2.60: 1). A reading is a non-blocking call to the
 coordinator actor; 0.1 s is the executor's own wait for finished tasks, so the limits are at most a round old."""
 
-RUNTIME_ENV = {"worker_process_setup_hook": f"{__name__}.shorten_limits_refresh"}
-"""`ray.init(runtime_env=RUNTIME_ENV)`: every worker process of the job calls `shorten_limits_refresh` at start."""
+METADATA_ENV_VAR = "RAY_DATA_METADATA_PREFETCH_ON_THREAD"
+"""Ray's switch between fetching block metadata on a thread (its default) and on the scheduling loop; set, it wins."""
 
-_SETTING = "GLOBAL_LIMITS_UPDATE_INTERVAL_S"
+RUNTIME_ENV = {"worker_process_setup_hook": f"{__name__}.tune_executor"}
+"""`ray.init(runtime_env=RUNTIME_ENV)`: every worker process of the job calls `tune_executor` at start."""
+
+_LIMITS_SETTING = "GLOBAL_LIMITS_UPDATE_INTERVAL_S"
+_METADATA_SETTING = "_PREFETCH_ON_THREAD"
 
 
 def _resource_manager() -> type | None:
@@ -33,13 +48,22 @@ def _resource_manager() -> type | None:
         from ray.data._internal.execution.resource_manager import ResourceManager
     except ImportError:
         return None
-    return ResourceManager if hasattr(ResourceManager, _SETTING) else None
+    return ResourceManager if hasattr(ResourceManager, _LIMITS_SETTING) else None
+
+
+def _metadata_fetcher() -> ModuleType | None:
+    """Ray Data's metadata-fetcher module, if this Ray has it and it has the setting (None otherwise)."""
+    try:
+        from ray.data._internal.execution import metadata_fetcher
+    except ImportError:
+        return None
+    return metadata_fetcher if hasattr(metadata_fetcher, _METADATA_SETTING) else None
 
 
 def limits_refresh() -> float | None:
     """Seconds between Ray Data's readings of its resource limits in this process (None: Ray has no such setting)."""
     manager = _resource_manager()
-    return None if manager is None else getattr(manager, _SETTING)
+    return None if manager is None else getattr(manager, _LIMITS_SETTING)
 
 
 def shorten_limits_refresh(seconds: float = LIMITS_REFRESH_S) -> None:
@@ -50,4 +74,25 @@ def shorten_limits_refresh(seconds: float = LIMITS_REFRESH_S) -> None:
     """
     manager = _resource_manager()
     if manager is not None:
-        setattr(manager, _SETTING, seconds)
+        setattr(manager, _LIMITS_SETTING, seconds)
+
+
+def metadata_on_thread() -> bool | None:
+    """Whether Ray Data's executors in this process fetch block metadata on a thread (None: Ray has no such setting)."""
+    module = _metadata_fetcher()
+    return None if module is None else bool(getattr(module, _METADATA_SETTING))
+
+
+def fetch_metadata_on_thread(on_thread: bool) -> None:
+    """Makes Ray Data's executions started from now on in this process fetch block metadata on a thread or not (a
+    Ray without the setting is left as it is; tests/test_ray_session.py then fails)."""
+    module = _metadata_fetcher()
+    if module is not None:
+        setattr(module, _METADATA_SETTING, on_thread)
+
+
+def tune_executor() -> None:
+    """Both settings of the module docstring in this process (the metadata one unless METADATA_ENV_VAR is set)."""
+    shorten_limits_refresh()
+    if METADATA_ENV_VAR not in os.environ:
+        fetch_metadata_on_thread(False)
