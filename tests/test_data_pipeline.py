@@ -30,8 +30,8 @@ from csl_ray.data.streams import (
     MIN_BLOCKS_PER_CPU,
     RowGroup,
     Stream,
+    block_bounds,
     block_count,
-    block_items,
     labeled_subset,
     plan_streams,
 )
@@ -208,7 +208,7 @@ def test_long_streams_get_large_blocks_in_whole_rounds_of_cpus(crop, cpus):
     for groups, epochs in [(8, 22), (40, 500), (300, 2000)]:
         stream = fake_stream(groups, 32, epochs)
         blocks = block_count(stream, crop, cpus)
-        items_per_block = stream.num_items // blocks  # block_items cuts runs within one item of each other
+        items_per_block = stream.num_items // blocks  # block_bounds cuts runs within an item of each other
         assert 1 <= blocks <= min(MAX_BLOCKS, stream.num_items)
         assert blocks <= cpus or blocks % cpus == 0, (groups, epochs, blocks)
         if blocks > MIN_BLOCKS_PER_CPU * cpus and blocks < MAX_BLOCKS:
@@ -245,12 +245,20 @@ def test_reader_blocks_hold_whole_batches_across_work_items(root):
     assert [(int(e), int(i)) for b in blocks for e, i in zip(b["epoch"], b["index"], strict=True)] == one_by_one
 
 
-@pytest.mark.parametrize("num_items", [1, 7, 12, 44, 1001])
-def test_blocks_are_runs_of_neighbouring_items_of_near_equal_length(num_items):
-    for num_blocks in {1, 2, 6, min(num_items, 1000)}:
-        runs = [block_items(num_items, num_blocks, block) for block in range(num_blocks)]
-        assert [item for run in runs for item in run] == list(range(num_items))  # every item once, in order
-        assert max(map(len, runs)) - min(map(len, runs)) <= 1  # no short run left alone at the stream's end
+@pytest.mark.parametrize("sizes", [(32,), (64, 32), (64, 64, 64, 5), (4, 4, 4)])
+@pytest.mark.parametrize("epochs", [1, 3, 22])
+def test_blocks_are_runs_of_neighbouring_items_holding_about_as_many_rows(sizes, epochs):
+    groups = tuple(RowGroup("s", g, 0, 0, tuple(range(size))) for g, size in enumerate(sizes))
+    stream = Stream("unused", "unlabeled", groups, 0, num_epochs=epochs)
+    item_rows = [len(stream.item(n)[2]) for n in range(stream.num_items)]
+    for num_blocks in {1, 2, 4, stream.num_items}:
+        bounds = block_bounds(stream, num_blocks)
+        assert len(bounds) == num_blocks + 1 and bounds[0] == 0 and bounds[-1] == stream.num_items
+        assert list(bounds) == sorted(bounds)  # every item once, in order
+        # Each cut falls within half an item of its equal share of the rows.
+        total = sum(item_rows)
+        for block, cut in enumerate(bounds[1:-1], start=1):
+            assert abs(sum(item_rows[:cut]) - total * block / num_blocks) <= max(sizes) / 2, (bounds, item_rows)
 
 
 def test_short_streams_still_give_every_cpu_blocks():

@@ -2,7 +2,7 @@
 tuning and the batches a Train worker iterates (skipped corrupt rows go to a `corrupt_log.CorruptRowLog`).
 
 A stream runs as `ray.data.range(num_blocks)` (one row per block: a run of neighbouring work items,
-`streams.block_items`) -> `map_batches` (`reader.StreamReader`: read the row groups, decode, augment), so one pass
+`streams.block_bounds`) -> `map_batches` (`reader.StreamReader`: read the row groups, decode, augment), so one pass
 over the dataset is the whole run, augmentation is fresh every epoch (nothing is materialised), and every row's views
 are a pure function of (seed, epoch, row id), the same after a task retry. A union of per-epoch `read_parquet`
 datasets would say the same, but a labelled split of 92 images cycled for 80k iterations needs thousands of passes,
@@ -39,7 +39,7 @@ from csl_ray.config import Config, per_worker_batch_size
 from csl_ray.data.corrupt_log import CorruptRowLog
 from csl_ray.data.reader import StreamReader, block_bytes
 from csl_ray.data.shards import SPLITS
-from csl_ray.data.streams import Stream, block_count, dataset_root, plan_streams
+from csl_ray.data.streams import Stream, block_bounds, block_count, dataset_root, plan_streams
 from csl_ray.data.views import TORCH_DTYPES, ViewParams, view_params
 
 DECODE_CPUS = 1.0
@@ -72,17 +72,18 @@ def ray_dataset(
     # whole block to the map, which keeps the range read fused into it.
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1) if ray.is_initialized() else 1
     num_blocks = block_count(stream, params.crop_size, cpus)
+    bounds = block_bounds(stream, num_blocks)
     runs = ray.data.range(num_blocks, override_num_blocks=num_blocks)  # one row per block: the run's number
     if decode_workers > 0:
         dataset = runs.map_batches(
             StreamReader,
             batch_size=None,
-            fn_constructor_args=(stream, params, strict, report, batch_rows, num_blocks),
+            fn_constructor_args=(stream, params, strict, report, batch_rows, bounds),
             compute=ray.data.ActorPoolStrategy(size=decode_workers),
             num_cpus=DECODE_CPUS,
         )
     else:
-        reader = StreamReader(stream, params, strict, report, batch_rows, num_blocks)
+        reader = StreamReader(stream, params, strict, report, batch_rows, bounds)
         dataset = runs.map_batches(reader, batch_size=None, num_cpus=DECODE_CPUS)
     # Ray Data buffers a task's output until it exceeds this size before it becomes a block the consumer can see: at
     # the default 128 MB a task over small crops would deliver nothing until it finished. A block's index and epoch

@@ -20,7 +20,7 @@ import torch
 
 from csl_ray.config import Config
 from csl_ray.data.shards import filesystem
-from csl_ray.data.streams import RowGroup, Stream, block_items, dataset_root, plan_streams
+from csl_ray.data.streams import RowGroup, Stream, dataset_root, plan_streams
 from csl_ray.data.views import TORCH_DTYPES, ViewParams, stack_rows, transform_rows, view_params
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ class StreamReader:
         strict: raise on a corrupt row (else skip it, log it and report it).
         report: where skipped rows go besides the log.
         batch_rows: rows the consumer takes per batch; the blocks handed to Ray Data hold whole batches.
-        num_blocks: how many runs of work items the stream is cut into (`streams.block_count`), one per Ray Data
-            block of the `range` it maps.
+        runs: where the stream is cut into runs of work items (`streams.block_bounds`), one per Ray Data block of
+            the `range` it maps (default: one run of the whole stream).
     """
 
     def __init__(
@@ -84,10 +84,10 @@ class StreamReader:
         strict: bool,
         report: SkipReport | None = None,
         batch_rows: int = 1,
-        num_blocks: int = 1,
+        runs: tuple[int, ...] | None = None,
     ) -> None:
         self.stream = stream
-        self.num_blocks = num_blocks
+        self.runs = runs or (0, stream.num_items)
         self.params = params
         self.strict = strict
         self.report = report
@@ -133,9 +133,9 @@ class StreamReader:
             self.report(skipped)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """The rows of the runs of work items numbered in `batch["id"]` (`streams.block_items`), stacked `block_rows`
-        at a time across the items' bounds."""
-        items = (n for run in batch["id"] for n in block_items(self.stream.num_items, self.num_blocks, int(run)))
+        """The rows of the runs of work items numbered in `batch["id"]`, stacked `block_rows` at a time across the
+        items' bounds."""
+        items = (n for run in batch["id"] for n in range(self.runs[run], self.runs[run + 1]))
         rows = (row for number in items for row in self.rows(number))
         for block in chunked(rows, self.block_rows):
             yield stack_rows(block)

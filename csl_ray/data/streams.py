@@ -51,17 +51,20 @@ class Stream:
     def num_items(self) -> int:
         return len(self.groups) * self.num_epochs
 
+    def group_order(self, epoch: int) -> np.ndarray:
+        """Indices into `groups` in the order epoch `epoch` reads them."""
+        if not self.shuffle:
+            return np.arange(len(self.groups))
+        return np.random.default_rng([self.seed, STREAM_IDS[self.split], epoch]).permutation(len(self.groups))
+
     def item(self, number: int) -> tuple[int, RowGroup, list[int]]:
         """Work item `number` -> (epoch, row group, its rows in this epoch's order)."""
         epoch = self.start_epoch + number // len(self.groups)
-        position = number % len(self.groups)
+        index = int(self.group_order(epoch)[number % len(self.groups)])
+        group = self.groups[index]
         if not self.shuffle:
-            group = self.groups[position]
             return epoch, group, list(group.rows)
-        stream = STREAM_IDS[self.split]
-        order = np.random.default_rng([self.seed, stream, epoch]).permutation(len(self.groups))
-        group = self.groups[order[position]]
-        rows = np.random.default_rng([self.seed, stream, epoch, int(order[position])]).permutation(group.rows)
+        rows = np.random.default_rng([self.seed, STREAM_IDS[self.split], epoch, index]).permutation(group.rows)
         return epoch, group, rows.tolist()
 
 
@@ -101,11 +104,24 @@ def block_count(stream: Stream, crop_size: int, cpus: int) -> int:
     return max(blocks, 1)
 
 
-def block_items(num_items: int, num_blocks: int, block: int) -> range:
-    """The work items of block `block` of a stream of `num_items` cut into `num_blocks` runs of neighbours whose
-    lengths differ by one item at most (`ray.data.range(num_items, override_num_blocks=k)` instead cuts k runs of
-    num_items // k and one more of the remainder, which then runs alone at the end of the stream)."""
-    return range(block * num_items // num_blocks, (block + 1) * num_items // num_blocks)
+def block_bounds(stream: Stream, num_blocks: int) -> tuple[int, ...]:
+    """Where to cut a stream into `num_blocks` runs of neighbouring work items holding about as many rows each.
+
+    Cut by rows, to within one item, so that equal runs finish together where row groups differ in size (a shard's
+    last group, a labelled subset); `ray.data.range(num_items, override_num_blocks=k)` instead cuts k runs of
+    num_items // k items and one more of the remainder, which then runs alone at the end of the stream.
+
+    Returns:
+        num_blocks + 1 item numbers from 0 to `stream.num_items`: run b holds items bounds[b] to bounds[b + 1] - 1.
+    """
+    sizes = np.array([len(g.rows) for g in stream.groups])
+    epochs = range(stream.start_epoch, stream.start_epoch + stream.num_epochs)
+    read = np.concatenate([sizes[stream.group_order(epoch)] for epoch in epochs])
+    rows_before = np.concatenate([[0], np.cumsum(read)])  # rows_before[k]: rows of the first k items
+    targets = rows_before[-1] * np.arange(1, num_blocks) / num_blocks
+    after = np.searchsorted(rows_before, targets)  # the first cut at or past each target; the one before falls short
+    cuts = np.where(targets - rows_before[after - 1] < rows_before[after] - targets, after - 1, after)
+    return (0, *(int(c) for c in cuts), stream.num_items)
 
 
 def row_groups(root: str, split: str, subset: set[int] | None = None) -> tuple[RowGroup, ...]:
