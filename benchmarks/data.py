@@ -43,11 +43,11 @@ from PIL import Image
 from csl_ray.config import load_config
 from csl_ray.data.builtin import draw_scene, ensure_builtin_dataset
 from csl_ray.data.executor_tuning import (
+    LIMITS_REFRESH_S,
     fetch_metadata_on_thread,
     limits_refresh,
     metadata_on_thread,
     shorten_limits_refresh,
-    tune_executor,
 )
 from csl_ray.data.ray_datasets import ray_dataset
 from csl_ray.data.shards import ROW_GROUP_ROWS, Record, encode_mask, read_split, write_dataset
@@ -177,14 +177,13 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace, ray_own: tupl
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().op_resource_reservation_enabled = not args.no_reservation
 
-    def ray_pass(settings: tuple[float, bool] | None) -> tuple[int, float, float, dict[str, float]]:
+    def ray_pass(
+        refresh_s: float = LIMITS_REFRESH_S, on_thread: bool = False, batch_rows: int = BATCH
+    ) -> tuple[int, float, float, dict[str, float]]:
         # The passes execute in this process: the settings a training job gives its worker processes are made here.
-        if settings is None:
-            tune_executor()
-        else:
-            shorten_limits_refresh(settings[0])
-            fetch_metadata_on_thread(settings[1])
-        dataset = ray_dataset(stream, params, strict=False, decode_workers=0, batch_rows=BATCH)
+        shorten_limits_refresh(refresh_s)
+        fetch_metadata_on_thread(on_thread)
+        dataset = ray_dataset(stream, params, strict=False, decode_workers=0, batch_rows=batch_rows)
         return timed(dataset.iter_torch_batches(batch_size=BATCH, dtypes=TORCH_DTYPES["unlabeled"]), args.cpus)
 
     def loader_pass() -> tuple[int, float, float, dict[str, float]]:
@@ -192,13 +191,17 @@ def run(name: str, root: str, crop: int, args: argparse.Namespace, ray_own: tupl
         return timed(torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=args.cpus), args.cpus)
 
     baseline = f"DataLoader, {args.cpus} workers"
-    pipelines = {"Ray Data, tasks": partial(ray_pass, None)}
+    pipelines = {"Ray Data, tasks": ray_pass}
     if ray_own is not None:
-        pipelines["Ray Data, tasks, Ray's own executor settings"] = partial(ray_pass, ray_own)
+        pipelines["Ray Data, tasks, Ray's own executor settings"] = partial(ray_pass, *ray_own)
+    if args.ablate:
+        # One of the pipeline's choices undone at a time (benchmarks/README.md, "Data pipeline").
+        pipelines["Ray Data, tasks, metadata fetched on a thread"] = partial(ray_pass, on_thread=True)
+        pipelines["Ray Data, tasks, blocks not cut to whole batches"] = partial(ray_pass, batch_rows=1)
     pipelines[baseline] = loader_pass
     # One untimed Ray pass first: it starts Ray's worker processes (each imports torch, seconds here), which a
     # training run pays once. Ray stays up, idle, while the DataLoader runs.
-    ray_pass(None)
+    ray_pass()
     rounds = []
     for round_number in range(args.repeats):
         # Rotate which pipeline goes first, so a pass that runs better (or worse) after another's does not favour
@@ -245,6 +248,12 @@ def main() -> None:
         type=int,
         default=5,
         help="rounds; each times every pipeline once; the table gives medians and the spread of the paired ratio",
+    )
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also run Ray Data with one of its choices undone at a time: block metadata fetched on Ray's thread, "
+        "blocks not cut to whole batches",
     )
     parser.add_argument("--cache", default=None, help="where to put the datasets (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")

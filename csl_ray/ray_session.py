@@ -12,8 +12,8 @@ address file outlives a cluster that died, so a bare `ray.init()` would then try
 Attaching prints one line on stderr naming the cluster and its resources, and warns when they are fewer than the
 job asks for (its Train workers would wait for them). Either way the job's processes start with `job_runtime_env()`:
 Ray Data's executions without their idle first second or idle CPUs between tasks (`data/executor_tuning.py`), and Ray
-Train's controller
-collecting the workers' reports often enough that `ray.train.report` never holds training up (`TRAIN_POLL_INTERVAL_S`).
+Train's controller collecting the workers' reports often enough that `ray.train.report` never holds training up
+(`TRAIN_POLL_INTERVAL_S`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ worker is declared dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minute
 
 
 def job_runtime_env() -> dict:
-    """The runtime env of every process of a job: Ray Data's limits refresh and Ray Train's report collection interval
-    (a RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set in this environment wins)."""
+    """The runtime env of every process of a job: Ray Data's executor settings (`executor_tuning.tune_executor`) and
+    Ray Train's report collection interval (a RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set in this environment wins)."""
     interval = os.environ.get(TRAIN_POLL_ENV_VAR, f"{TRAIN_POLL_INTERVAL_S:g}")
     return {**RUNTIME_ENV, "env_vars": {TRAIN_POLL_ENV_VAR: interval}}
 

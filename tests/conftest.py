@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with 4 logical CPUs (2 for fractional Train workers, the rest for Ray Data), its processes set as
-    `csl_ray.ray_session.init_ray` sets a job's (Ray Data's limits refresh, Train's report collection)."""
+    `csl_ray.ray_session.init_ray` sets a job's (Ray Data's executor settings, Train's report collection)."""
     import ray
 
     from csl_ray.data.executor_tuning import tune_executor

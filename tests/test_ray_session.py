@@ -49,7 +49,7 @@ def ray_tmpdir():
 
 
 def job_env(ray_tmpdir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TRAIN_POLL_ENV_VAR)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TRAIN_POLL_ENV_VAR, METADATA_ENV_VAR)}
     return {**env, "RAY_TMPDIR": str(ray_tmpdir)}
 
 

@@ -10,11 +10,11 @@ second: each stream of a run once, every validation, every pass of `benchmarks/d
 two scheduling rounds.
 
 By default Ray 2.60 also fetches each output block's metadata on a background thread, and a task's CPU is handed back
-only once that thread has passed on the task's last block: both the thread and the scheduling loop wait up to 0.1 s
-for news, so the next task started 0.15-0.2 s after the last one ended, idling a CPU at every block boundary.
-Fetched on the scheduling loop instead (Ray's `RAY_DATA_METADATA_PREFETCH_ON_THREAD=0`, a local `ray.get` of a small
-object per block here), the next task starts within about 0.1 s. A job whose environment sets that variable keeps
-what it says.
+only once that thread has passed on the task's last block: the thread and the scheduling loop each wait up to 0.1 s
+for news, so a CPU idles at every block boundary until both have looked. Fetched on the scheduling loop instead (Ray's
+`RAY_DATA_METADATA_PREFETCH_ON_THREAD=0`, a `ray.get` of a small object per block), the loop hands the CPU on as it
+sees the task end; `benchmarks/data.py --ablate` measures the difference. A job whose environment sets that variable
+keeps what it says.
 
 `tune_executor()` makes both settings in the calling process; `RUNTIME_ENV`, given to `ray.init`, makes every worker
 process of the job call it when it starts (Train workers execute the labelled streams, Ray Data's SplitCoordinator

@@ -41,9 +41,9 @@ def block_bytes(split: str, crop_size: int, batch_rows: int = 1) -> tuple[int, i
     rounded up to whole batches of `batch_rows`.
 
     Whole batches per block let the consumer take each batch from one block as it is: a batch that straddles two
-    blocks is copied into one (Ray Data's re-batching), which at crop 321 cost the consuming process about 12 ms
-    per 16-row batch. An output row's bytes: uint8 images, masks and maps; an unlabelled row is a main crop (3 views,
-    4 maps) with its partner's 2 views and 1 map. Validation rows (full-size images) go one at a time.
+    blocks is copied into one by Ray Data's re-batching, in the consuming process (`benchmarks/data.py --ablate`
+    measures what that costs it). An output row's bytes: uint8 images, masks and maps; an unlabelled row is a main
+    crop (3 views, 4 maps) with its partner's 2 views and 1 map. Validation rows (full-size images) go one at a time.
     """
     if split == "val":
         return 1, YIELD_BYTES

@@ -107,9 +107,10 @@ def block_count(stream: Stream, crop_size: int, cpus: int) -> int:
 def block_bounds(stream: Stream, num_blocks: int) -> tuple[int, ...]:
     """Where to cut a stream into `num_blocks` runs of neighbouring work items holding about as many rows each.
 
-    Cut by rows, to within one item, so that equal runs finish together where row groups differ in size (a shard's
-    last group, a labelled subset); `ray.data.range(num_items, override_num_blocks=k)` instead cuts k runs of
-    num_items // k items and one more of the remainder, which then runs alone at the end of the stream.
+    Cut by rows, each cut within half an item of an equal share, so that runs finish together where row groups differ
+    in size (a shard's last group, a labelled subset); `ray.data.range(num_items, override_num_blocks=k)` instead cuts
+    k runs of num_items // k items and one more of the remainder (44 items, k = 6: runs of 7 and one of 2), which then
+    runs alone at the end of the stream.
 
     Returns:
         num_blocks + 1 item numbers from 0 to `stream.num_items`: run b holds items bounds[b] to bounds[b + 1] - 1.
