@@ -27,12 +27,12 @@ from csl_ray.data.shards import Record, encode_mask, read_split, write_dataset
 from csl_ray.data.streams import (
     MAX_BLOCKS,
     MIN_BLOCK_PIXELS,
-    MIN_BLOCKS_PER_CPU,
     RowGroup,
     Stream,
     block_bounds,
     block_count,
     labeled_subset,
+    output_rows,
     plan_streams,
 )
 from csl_ray.data.views import TORCH_DTYPES, CorruptRowError, decode_row, partner_views, row_generator, view_params
@@ -208,10 +208,10 @@ def test_long_streams_get_large_blocks_in_whole_rounds_of_cpus(crop, cpus):
     for groups, epochs in [(8, 22), (40, 500), (300, 2000)]:
         stream = fake_stream(groups, 32, epochs)
         blocks = block_count(stream, crop, cpus)
-        items_per_block = stream.num_items // blocks  # block_bounds cuts runs within an item of each other
+        items_per_block = stream.num_items // blocks  # block_bounds cuts runs of equal rows
         assert 1 <= blocks <= min(MAX_BLOCKS, stream.num_items)
         assert blocks <= cpus or blocks % cpus == 0, (groups, epochs, blocks)
-        if blocks > MIN_BLOCKS_PER_CPU * cpus and blocks < MAX_BLOCKS:
+        if blocks > cpus and blocks < MAX_BLOCKS:
             assert items_per_block * 32 * crop**2 >= MIN_BLOCK_PIXELS
     # Larger crops cost more per row: the same stream is cut into more (smaller) blocks.
     stream = fake_stream(40, 32, 500)
@@ -245,24 +245,54 @@ def test_reader_blocks_hold_whole_batches_across_work_items(root):
     assert [(int(e), int(i)) for b in blocks for e, i in zip(b["epoch"], b["index"], strict=True)] == one_by_one
 
 
-@pytest.mark.parametrize("sizes", [(32,), (64, 32), (64, 64, 64, 5), (4, 4, 4)])
+@pytest.mark.parametrize("sizes", [(32,), (64, 32), (64, 64, 64, 5), (4, 4, 4), (3, 5)])
 @pytest.mark.parametrize("epochs", [1, 3, 22])
-def test_blocks_are_runs_of_neighbouring_items_holding_about_as_many_rows(sizes, epochs):
+@pytest.mark.parametrize("batch_rows", [1, 4, 16])
+def test_blocks_are_runs_of_neighbouring_rows_in_equal_whole_batches(sizes, epochs, batch_rows):
     groups = tuple(RowGroup("s", g, 0, 0, tuple(range(size))) for g, size in enumerate(sizes))
     stream = Stream("unused", "unlabeled", groups, 0, num_epochs=epochs)
-    item_rows = [len(stream.item(n)[2]) for n in range(stream.num_items)]
+    item_rows = [output_rows("unlabeled", len(stream.item(n)[2])) for n in range(stream.num_items)]
+    rows_before = np.concatenate([[0], np.cumsum(item_rows)])
+    total = rows_before[-1]
     for num_blocks in {1, 2, 4, stream.num_items}:
-        bounds = block_bounds(stream, num_blocks)
-        assert len(bounds) == num_blocks + 1 and bounds[0] == 0 and bounds[-1] == stream.num_items
-        assert list(bounds) == sorted(bounds)  # every item once, in order
-        # Each cut falls within half an item of its equal share of the rows.
-        total = sum(item_rows)
-        for block, cut in enumerate(bounds[1:-1], start=1):
-            assert abs(sum(item_rows[:cut]) - total * block / num_blocks) <= max(sizes) / 2, (bounds, item_rows)
+        bounds = block_bounds(stream, num_blocks, batch_rows)
+        assert len(bounds) == num_blocks + 1 and bounds[0] == (0, 0) and bounds[-1] == (stream.num_items, 0)
+        for item, offset in bounds[1:-1]:
+            # Each cut names a row inside its item, or the stream's end (a run of no rows: fewer batches than runs).
+            assert (item, offset) == bounds[-1] or 0 <= offset < item_rows[item]
+        positions = [rows_before[item] + offset for item, offset in bounds]
+        assert positions == sorted(positions)  # every row once, in order
+        for block, position in enumerate(positions[1:-1], start=1):
+            # Cut at the whole batch nearest an equal share of the rows (or at the stream's end).
+            assert position % batch_rows == 0 or position == total
+            assert abs(position - total * block / num_blocks) <= batch_rows / 2, (bounds, item_rows)
+
+
+@pytest.mark.parametrize("batch_rows", [1, 3])
+def test_runs_cut_inside_items_give_the_rows_of_the_whole_stream(tmp_path, batch_rows):
+    root = make_root(tmp_path / "odd", counts=(6, 11, 3))  # unlabelled groups of 4, 4 and 3 rows: an odd pair
+    cfg = config(root)
+    stream = plan_streams(cfg, root, labeled_batch=2)["unlabeled"]
+    params = view_params(cfg)
+    whole = list(StreamReader(stream, params, strict=True).run(0))
+    for epoch in {int(r["epoch"]) for r in whole}:
+        # The 3-row group (rows 8-10) gives two output rows; its odd row out pairs with the group's first row.
+        odd_group = [r for r in whole if int(r["epoch"]) == epoch and int(r["index"]) >= 8]
+        assert len(odd_group) == 2 and int(odd_group[1]["partner_index"]) == int(odd_group[0]["index"])
+    cuts_inside_items = 0
+    for num_blocks in (2, 3, 5, stream.num_items):
+        bounds = block_bounds(stream, num_blocks, batch_rows)
+        cuts_inside_items += sum(offset > 0 for _, offset in bounds)
+        reader = StreamReader(stream, params, strict=True, runs=bounds)
+        cut = [row for run in range(num_blocks) for row in reader.run(run)]
+        assert len(cut) == len(whole)
+        for a, b in zip(cut, whole, strict=True):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert cuts_inside_items > 0
 
 
 def test_short_streams_still_give_every_cpu_blocks():
-    assert block_count(fake_stream(8, 32, 2), 64, cpus=4) == MIN_BLOCKS_PER_CPU * 4
+    assert block_count(fake_stream(8, 32, 2), 64, cpus=4) == 4  # one round: a block per CPU
     assert block_count(fake_stream(3, 1, 1), 64, cpus=4) == 3  # never more blocks than items
     assert block_count(fake_stream(1, 1, 1), 64, cpus=8) == 1
 

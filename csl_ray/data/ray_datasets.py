@@ -1,7 +1,7 @@
 """The Ray Data pipeline: streams (`streams.py`) as lazy Ray Datasets, how a run hands them to Ray Train, the decode
 tuning and the batches a Train worker iterates (skipped corrupt rows go to a `corrupt_log.CorruptRowLog`).
 
-A stream runs as `ray.data.range(num_blocks)` (one row per block: a run of neighbouring work items,
+A stream runs as `ray.data.range(num_blocks)` (one row per block: a run of neighbouring output rows,
 `streams.block_bounds`) -> `map_batches` (`reader.StreamReader`: read the row groups, decode, augment), so one pass
 over the dataset is the whole run, augmentation is fresh every epoch (nothing is materialised), and every row's views
 are a pure function of (seed, epoch, row id), the same after a task retry. A union of per-epoch `read_parquet`
@@ -67,12 +67,12 @@ def ray_dataset(
         report: where the tasks report the rows they skip as corrupt.
         batch_rows: rows a consumer takes per batch: each block holds whole batches (`reader.block_bytes`).
     """
-    # Each block is a run of consecutive work items: one task per block, streaming its rows out as it goes, so the
-    # tasks in flight work on neighbouring items (the stream stays close to epoch order). batch_size=None hands the
+    # Each block is a run of consecutive rows: one task per block, streaming its rows out as it goes, so the tasks in
+    # flight work on neighbouring items (the stream stays close to epoch order). batch_size=None hands the
     # whole block to the map, which keeps the range read fused into it.
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1) if ray.is_initialized() else 1
     num_blocks = block_count(stream, params.crop_size, cpus)
-    bounds = block_bounds(stream, num_blocks)
+    bounds = block_bounds(stream, num_blocks, batch_rows)
     runs = ray.data.range(num_blocks, override_num_blocks=num_blocks)  # one row per block: the run's number
     if decode_workers > 0:
         dataset = runs.map_batches(

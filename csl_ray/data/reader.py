@@ -20,7 +20,7 @@ import torch
 
 from csl_ray.config import Config
 from csl_ray.data.shards import filesystem
-from csl_ray.data.streams import RowGroup, Stream, dataset_root, plan_streams
+from csl_ray.data.streams import Cut, RowGroup, Stream, dataset_root, plan_streams
 from csl_ray.data.views import TORCH_DTYPES, ViewParams, stack_rows, transform_rows, view_params
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ class StreamReader:
         strict: raise on a corrupt row (else skip it, log it and report it).
         report: where skipped rows go besides the log.
         batch_rows: rows the consumer takes per batch; the blocks handed to Ray Data hold whole batches.
-        runs: where the stream is cut into runs of work items (`streams.block_bounds`), one per Ray Data block of
-            the `range` it maps (default: one run of the whole stream).
+        runs: where the stream is cut into runs (`streams.block_bounds`), one per Ray Data block of the `range` it
+            maps (default: one run of the whole stream).
     """
 
     def __init__(
@@ -84,10 +84,10 @@ class StreamReader:
         strict: bool,
         report: SkipReport | None = None,
         batch_rows: int = 1,
-        runs: tuple[int, ...] | None = None,
+        runs: tuple[Cut, ...] | None = None,
     ) -> None:
         self.stream = stream
-        self.runs = runs or (0, stream.num_items)
+        self.runs = runs or ((0, 0), (stream.num_items, 0))
         self.params = params
         self.strict = strict
         self.report = report
@@ -103,15 +103,23 @@ class StreamReader:
             self._files[group.shard] = pq.ParquetFile(f"{path}/{group.shard}", filesystem=fs)
         return self._files[group.shard].read_row_group(group.group, columns=_COLUMNS)
 
-    def rows(self, number: int) -> Iterator[dict[str, np.ndarray]]:
-        """The transformed rows of work item `number`, one dict each (decoded a block's worth at a time, so memory
-        stays bounded for big crops)."""
+    def rows(self, number: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The transformed output rows `start` to `stop` (exclusive; default: to the end) of work item `number`, one
+        dict each (decoded a block's worth at a time, so memory stays bounded for big crops).
+
+        An unlabelled output row is a pair of stream rows (`views.pairs`); an item of an odd number of rows pairs its
+        last row with its first, so a run that starts or ends inside an item gives the same rows as a whole item.
+        """
         epoch, group, rows = self.stream.item(number)
+        per_output = 2 if self.stream.split == "unlabeled" else 1
+        picked = rows[per_output * start : None if stop is None else per_output * stop]
+        if len(picked) % per_output:
+            picked.append(rows[0])
         table = self._group(group)
-        for start in range(0, len(rows), self._chunk):
+        for first in range(0, len(picked), self._chunk):
             out, skipped = transform_rows(
                 table,
-                rows[start : start + self._chunk],
+                picked[first : first + self._chunk],
                 split=self.stream.split,
                 params=self.params,
                 seed=self.stream.seed,
@@ -132,11 +140,17 @@ class StreamReader:
         if self.report is not None:
             self.report(skipped)
 
+    def run(self, number: int) -> Iterator[dict[str, np.ndarray]]:
+        """The output rows of run `number`: from cut `runs[number]` up to cut `runs[number + 1]`."""
+        (first, start), (last, stop) = self.runs[number], self.runs[number + 1]
+        for item in range(first, last + 1):
+            end = stop if item == last else None
+            if end != 0:
+                yield from self.rows(item, start if item == first else 0, end)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """The rows of the runs of work items numbered in `batch["id"]`, stacked `block_rows` at a time across the
-        items' bounds."""
-        items = (n for run in batch["id"] for n in range(self.runs[run], self.runs[run + 1]))
-        rows = (row for number in items for row in self.rows(number))
+        """The rows of the runs numbered in `batch["id"]`, stacked `block_rows` at a time across the items' bounds."""
+        rows = (row for number in batch["id"] for row in self.run(int(number)))
         for block in chunked(rows, self.block_rows):
             yield stack_rows(block)
 
@@ -161,8 +175,7 @@ class LocalBatches:
         return {k: torch.from_numpy(v).to(self.dtypes[k]) for k, v in stack_rows(rows).items()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        rows = (row for number in range(self.reader.stream.num_items) for row in self.reader.rows(number))
-        for batch in chunked(rows, self.batch_size):
+        for batch in chunked(self.reader.run(0), self.batch_size):
             if len(batch) == self.batch_size or not self.drop_last:
                 yield self._tensors(batch)
 

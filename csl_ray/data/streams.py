@@ -76,16 +76,17 @@ MIN_BLOCK_PIXELS = 8192 * 64 * 64
 the crop). Ray Data starts a stream's next task only after one ends and its scheduling loop notices (it waits up to
 0.1 s for its tasks, `WAIT_FOR_TASK_COMPLETION_TIMEOUT_S`, then leases a worker), so tasks of a fraction of a second
 leave the CPUs idle between them (`benchmarks/README.md`, "Data pipeline")."""
-MIN_BLOCKS_PER_CPU = 2
-"""...unless that leaves fewer than this many blocks per cluster CPU (short streams: tests, benchmarks, evaluation)."""
 
 
 def block_count(stream: Stream, crop_size: int, cpus: int) -> int:
     """How many blocks (Ray Data tasks, runs of neighbouring work items) to cut a stream into.
 
-    Each block holds at least MIN_BLOCK_PIXELS of crops, a short stream still gets MIN_BLOCKS_PER_CPU blocks per CPU,
-    and a stream of more blocks than CPUs gets a whole number of rounds (a multiple of `cpus`): blocks of equal size
-    then finish together, where one block left over would run alone on one CPU at the end of the stream.
+    Each block holds at least MIN_BLOCK_PIXELS of crops, a short stream (tests, benchmarks, evaluation, a small run)
+    still gets a block per CPU, and a stream of more blocks than CPUs gets a whole number of rounds (a multiple of
+    `cpus`): blocks of equal size then finish together, where one block left over would run alone on one CPU at the
+    end of the stream. A short stream gets one round, not two: a second round adds a task boundary per CPU, and two
+    runs of different images take different times, so the CPU that drew the quicker pair idles at the stream's end
+    (`benchmarks/README.md`, "Data pipeline").
 
     Args:
         stream: the stream (its items and rows per item).
@@ -97,32 +98,45 @@ def block_count(stream: Stream, crop_size: int, cpus: int) -> int:
     """
     rows_per_item = max(1, stream.rows_per_epoch // len(stream.groups))
     min_items = math.ceil(MIN_BLOCK_PIXELS / (rows_per_item * crop_size**2))
-    blocks = max(stream.num_items // min_items, min(stream.num_items, MIN_BLOCKS_PER_CPU * cpus))
+    blocks = max(stream.num_items // min_items, min(stream.num_items, cpus))
     blocks = min(blocks, MAX_BLOCKS, stream.num_items)
     if blocks > cpus:
         blocks -= blocks % cpus
     return max(blocks, 1)
 
 
-def block_bounds(stream: Stream, num_blocks: int) -> tuple[int, ...]:
-    """Where to cut a stream into `num_blocks` runs of neighbouring work items holding about as many rows each.
+Cut = tuple[int, int]
+"""A place in a stream: (work item number, output row within the item)."""
 
-    Cut by rows, each cut within half an item of an equal share, so that runs finish together where row groups differ
-    in size (a shard's last group, a labelled subset); `ray.data.range(num_items, override_num_blocks=k)` instead cuts
-    k runs of num_items // k items and one more of the remainder (44 items, k = 6: runs of 7 and one of 2), which then
-    runs alone at the end of the stream.
+
+def output_rows(split: str, stream_rows: int) -> int:
+    """Rows a work item of `stream_rows` rows gives its consumer: unlabelled rows go in pairs (a main crop and its
+    CutMix partner; an odd row out pairs with the item's first row, `reader.StreamReader.rows`)."""
+    return (stream_rows + 1) // 2 if split == "unlabeled" else stream_rows
+
+
+def block_bounds(stream: Stream, num_blocks: int, batch_rows: int = 1) -> tuple[Cut, ...]:
+    """Where to cut a stream into `num_blocks` runs of neighbouring output rows, as many in each as whole batches allow.
+
+    Cut by output rows, within items where need be, at the whole batch of `batch_rows` nearest an equal share: runs
+    cut at item bounds differed by up to an item's rows, and the CPU that drew the shorter runs idled at the
+    stream's end. Whole batches keep the consumer's batches whole
+    (`reader.block_bytes`). `ray.data.range(num_items, override_num_blocks=k)` would cut k runs of num_items // k
+    items and one more of the remainder.
 
     Returns:
-        num_blocks + 1 item numbers from 0 to `stream.num_items`: run b holds items bounds[b] to bounds[b + 1] - 1.
+        num_blocks + 1 cuts from (0, 0) to (num_items, 0): run b holds the output rows from bounds[b] up to, not
+        including, bounds[b + 1].
     """
-    sizes = np.array([len(g.rows) for g in stream.groups])
+    sizes = np.array([output_rows(stream.split, len(g.rows)) for g in stream.groups])
     epochs = range(stream.start_epoch, stream.start_epoch + stream.num_epochs)
     read = np.concatenate([sizes[stream.group_order(epoch)] for epoch in epochs])
-    rows_before = np.concatenate([[0], np.cumsum(read)])  # rows_before[k]: rows of the first k items
+    rows_before = np.concatenate([[0], np.cumsum(read)])  # rows_before[k]: output rows of the first k items
     targets = rows_before[-1] * np.arange(1, num_blocks) / num_blocks
-    after = np.searchsorted(rows_before, targets)  # the first cut at or past each target; the one before falls short
-    cuts = np.where(targets - rows_before[after - 1] < rows_before[after] - targets, after - 1, after)
-    return (0, *(int(c) for c in cuts), stream.num_items)
+    cuts = np.minimum(np.round(targets / batch_rows) * batch_rows, rows_before[-1]).astype(np.int64)
+    items = np.searchsorted(rows_before, cuts, side="right") - 1  # a cut at an item's first row belongs to that item
+    inner = ((int(item), int(cut - rows_before[item])) for item, cut in zip(items, cuts, strict=True))
+    return ((0, 0), *inner, (stream.num_items, 0))
 
 
 def row_groups(root: str, split: str, subset: set[int] | None = None) -> tuple[RowGroup, ...]:
