@@ -79,7 +79,7 @@ leave the CPUs idle between them (`benchmarks/README.md`, "Data pipeline")."""
 
 
 def block_count(stream: Stream, crop_size: int, cpus: int) -> int:
-    """How many blocks (Ray Data tasks, runs of neighbouring work items) to cut a stream into.
+    """How many blocks (Ray Data tasks, runs of neighbouring rows) to cut a stream into.
 
     Each block holds at least MIN_BLOCK_PIXELS of crops, a short stream (tests, benchmarks, evaluation, a small run)
     still gets a block per CPU, and a stream of more blocks than CPUs gets a whole number of rounds (a multiple of
@@ -119,10 +119,9 @@ def block_bounds(stream: Stream, num_blocks: int, batch_rows: int = 1) -> tuple[
     """Where to cut a stream into `num_blocks` runs of neighbouring output rows, as many in each as whole batches allow.
 
     Cut by output rows, within items where need be, at the whole batch of `batch_rows` nearest an equal share: runs
-    cut at item bounds differed by up to an item's rows, and the CPU that drew the shorter runs idled at the
-    stream's end. Whole batches keep the consumer's batches whole
-    (`reader.block_bytes`). `ray.data.range(num_items, override_num_blocks=k)` would cut k runs of num_items // k
-    items and one more of the remainder.
+    cut at item bounds differed by up to an item's rows, and the CPU that drew the shorter runs idled at the stream's
+    end. Whole batches keep the consumer's batches whole (`reader.block_bytes`). `ray.data.range(num_items,
+    override_num_blocks=k)` would cut k runs of num_items // k items and one more of the remainder.
 
     Returns:
         num_blocks + 1 cuts from (0, 0) to (num_items, 0): run b holds the output rows from bounds[b] up to, not
