@@ -13,8 +13,8 @@ By default Ray 2.60 also fetches each output block's metadata on a background th
 only once that thread has passed on the task's last block: the thread and the scheduling loop each wait up to 0.1 s
 for news, so a CPU idles at every block boundary until both have looked. Fetched on the scheduling loop instead (Ray's
 `RAY_DATA_METADATA_PREFETCH_ON_THREAD=0`, a `ray.get` of a small object per block), the loop hands the CPU on as it
-sees the task end; `benchmarks/data.py --ablate` measures the difference. A job whose environment sets that variable
-keeps what it says.
+sees the task end. `benchmarks/data.py --ablate` measures the difference: none since short streams run one round
+of tasks (`benchmarks/README.md`, "Data pipeline"). A job whose environment sets that variable keeps what it says.
 
 `tune_executor()` makes both settings in the calling process; `RUNTIME_ENV`, given to `ray.init`, makes every worker
 process of the job call it when it starts (Train workers execute the labelled streams, Ray Data's SplitCoordinator

@@ -20,7 +20,7 @@ import torch
 
 from csl_ray.config import Config
 from csl_ray.data.shards import filesystem
-from csl_ray.data.streams import Cut, RowGroup, Stream, dataset_root, plan_streams
+from csl_ray.data.streams import Cut, RowGroup, Stream, dataset_root, plan_streams, stream_rows_per_output
 from csl_ray.data.views import TORCH_DTYPES, ViewParams, stack_rows, transform_rows, view_params
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ class StreamReader:
         self.skipped: dict[str, str] = {}
         self._files: dict[str, pq.ParquetFile] = {}
         self.block_rows, _ = block_bytes(stream.split, params.crop_size, batch_rows)
-        # Stream rows transformed at once: unlabelled output rows take two (a main crop and its partner).
-        self._chunk = 2 * self.block_rows if stream.split == "unlabeled" else self.block_rows
+        self._per_output = stream_rows_per_output(stream.split)
+        self._chunk = self._per_output * self.block_rows  # stream rows transformed at once: a block's worth
 
     def _group(self, group: RowGroup) -> pa.Table:
         if group.shard not in self._files:
@@ -111,7 +111,7 @@ class StreamReader:
         last row with its first, so a run that starts or ends inside an item gives the same rows as a whole item.
         """
         epoch, group, rows = self.stream.item(number)
-        per_output = 2 if self.stream.split == "unlabeled" else 1
+        per_output = self._per_output
         picked = rows[per_output * start : None if stop is None else per_output * stop]
         if len(picked) % per_output:
             picked.append(rows[0])

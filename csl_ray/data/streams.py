@@ -109,10 +109,15 @@ Cut = tuple[int, int]
 """A place in a stream: (work item number, output row within the item)."""
 
 
+def stream_rows_per_output(split: str) -> int:
+    """Stream rows behind one output row: unlabelled rows go in pairs (a main crop and its CutMix partner)."""
+    return 2 if split == "unlabeled" else 1
+
+
 def output_rows(split: str, stream_rows: int) -> int:
-    """Rows a work item of `stream_rows` rows gives its consumer: unlabelled rows go in pairs (a main crop and its
-    CutMix partner; an odd row out pairs with the item's first row, `reader.StreamReader.rows`)."""
-    return (stream_rows + 1) // 2 if split == "unlabeled" else stream_rows
+    """Rows a work item of `stream_rows` rows gives its consumer (an odd unlabelled row out pairs with the item's first
+    row, `reader.StreamReader.rows`)."""
+    return math.ceil(stream_rows / stream_rows_per_output(split))
 
 
 def block_bounds(stream: Stream, num_blocks: int, batch_rows: int = 1) -> tuple[Cut, ...]:
